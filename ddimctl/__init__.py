@@ -1,0 +1,36 @@
+"""ddimctl: DDIM sampling, inversion, reconstruction and interpolation for diffusion and rectified-flow models.
+
+The library under the ``ddimctl`` command. The sampler core is plain functions::
+
+    from ddimctl import Denoiser, vp_schedule, make_plan, sample, invert_ddim
+
+Names are imported lazily, so ``import ddimctl`` (and ``ddimctl --help``) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "prediction": ["Denoiser", "Thresholding", "from_x0_eps", "to_x0_eps"],
+    "sampler": [
+        "InversionStats", "ddim_sigma", "ddim_step", "invert_ddim", "make_generators", "randn", "sample",
+        "sample_ddim", "sample_dpmpp_2m", "slerp",
+    ],
+    "schedule": ["Schedule", "SamplingPlan", "flow_schedule", "make_plan", "select_timesteps", "vp_schedule"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'ddimctl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

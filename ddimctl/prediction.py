@@ -1,0 +1,129 @@
+"""Model parameterizations in one place: every model output becomes ``(x0_hat, eps_hat)``.
+
+With ``x_t = a x0 + b eps`` (see :mod:`ddimctl.schedule`) a network may predict
+
+* ``epsilon``: the noise eps;
+* ``sample``: the clean data x0;
+* ``v_prediction``: ``v = a eps - b x0`` (Salimans & Ho 2022; for VP, ``a^2 + b^2 = 1``);
+* ``flow``: the rectified-flow velocity ``v = eps - x0`` (``a = 1 - sigma``, ``b = sigma``).
+
+:class:`Denoiser` wraps any callable ``model(x_t, t) -> output`` into a function
+``(x_t, t, a, b) -> (x0_hat, eps_hat)``, applying clipping or dynamic thresholding to ``x0_hat`` exactly as
+diffusers' DDIMScheduler does (eps_hat is left as the model gave it). Samplers only ever see a Denoiser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+
+Model = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Thresholding:
+    """Dynamic thresholding (Imagen, arXiv 2205.11487): per sample, s = quantile(|x0|, ratio) clamped to
+    [1, max_value]; x0 is clamped to [-s, s] and divided by s."""
+
+    ratio: float = 0.995
+    max_value: float = 1.0
+
+
+def to_x0_eps(output: Tensor, x: Tensor, a: float, b: float, prediction_type: str) -> tuple[Tensor, Tensor]:
+    """Turn a model output at ``x = a x0 + b eps`` into ``(x0_hat, eps_hat)``."""
+    if prediction_type == "epsilon":
+        eps = output
+        return (x - b * eps) / a, eps
+    if prediction_type == "sample":
+        x0 = output
+        if b == 0:  # at the clean end eps is undetermined; it is multiplied by b_to only when b_to > 0
+            return x0, torch.zeros_like(x0)
+        return x0, (x - a * x0) / b
+    if prediction_type == "v_prediction":
+        n = a * a + b * b  # 1 for VP schedules
+        return (a * x - b * output) / n, (b * x + a * output) / n
+    if prediction_type == "flow":
+        n = a + b  # 1 for rectified flow
+        return (x - b * output) / n, (x + a * output) / n
+    raise ValueError(f"unknown prediction_type {prediction_type!r} (expected one of {', '.join(PREDICTION_TYPES)})")
+
+
+def from_x0_eps(x0: Tensor, eps: Tensor, a: float, b: float, prediction_type: str) -> Tensor:
+    """The output a model of ``prediction_type`` gives for ``(x0, eps)``: the inverse of :func:`to_x0_eps`.
+
+    Used to express one oracle in every parameterization, and as the training target.
+    """
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "v_prediction":
+        return a * eps - b * x0
+    if prediction_type == "flow":
+        return eps - x0
+    raise ValueError(f"unknown prediction_type {prediction_type!r} (expected one of {', '.join(PREDICTION_TYPES)})")
+
+
+def output_x_coefficient(prediction_type: str, a: float, b: float, a_to: float, b_to: float) -> float:
+    """d x_to / d x for the η = 0 step ``x_to = a_to x0_hat + b_to eps_hat`` when the raw model output is held.
+
+    Exact inversion divides the forward-step residual by this to update its guess of x (a Newton step with the
+    model output frozen).
+    """
+    if prediction_type == "epsilon":
+        return a_to / a
+    if prediction_type == "sample":
+        return b_to / b
+    if prediction_type == "v_prediction":
+        return (a_to * a + b_to * b) / (a * a + b * b)
+    if prediction_type == "flow":
+        return (a_to + b_to) / (a + b)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def threshold(x0: Tensor, th: Thresholding) -> Tensor:
+    """Dynamic thresholding of x0 (B, ...), per sample, as diffusers' ``_threshold_sample``."""
+    dtype = x0.dtype
+    flat = x0.reshape(x0.shape[0], -1)  # (B, C*H*W)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    s = torch.quantile(flat.abs(), th.ratio, dim=1).clamp(min=1.0, max=th.max_value).unsqueeze(1)  # (B, 1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    """Wraps ``model(x_t, t)`` (t a (B,) tensor of model times) into ``(x_t, t, a, b) -> (x0_hat, eps_hat)``.
+
+    ``clip_sample``: clamp x0_hat to [-r, r] (diffusers' ``clip_sample`` with ``clip_sample_range = r``).
+    ``thresholding`` takes precedence over clipping, as in diffusers. eps_hat is not recomputed after either
+    (diffusers' default, ``use_clipped_model_output=False``).
+    """
+
+    model: Model
+    prediction_type: str = "epsilon"
+    clip_sample: float | None = None
+    thresholding: Thresholding | None = None
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"unknown prediction_type {self.prediction_type!r} (expected one of {', '.join(PREDICTION_TYPES)})"
+            )
+
+    def __call__(self, x: Tensor, t: Tensor, a: float, b: float) -> tuple[Tensor, Tensor]:
+        x0, eps = to_x0_eps(self.model(x, t), x, a, b, self.prediction_type)
+        if self.thresholding is not None:
+            x0 = threshold(x0, self.thresholding)
+        elif self.clip_sample is not None:
+            x0 = x0.clamp(-self.clip_sample, self.clip_sample)
+        return x0, eps
+
+    def x_coefficient(self, a: float, b: float, a_to: float, b_to: float) -> float:
+        """See :func:`output_x_coefficient`."""
+        return output_x_coefficient(self.prediction_type, a, b, a_to, b_to)
