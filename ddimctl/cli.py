@@ -53,10 +53,9 @@ def interpolate() -> None:
     _not_yet("interpolate")
 
 
-@app.command()
-def train() -> None:
-    """Train a model on a folder of images or a built-in dataset."""
-    _not_yet("train")
+from .cli_train import train  # noqa: E402  (its own module: many options, same app)
+
+app.command()(train)
 
 
 def _version_callback(value: bool) -> None:

@@ -1,0 +1,51 @@
+"""Command-line options shared by several commands, declared once: same flag, same name, same default.
+
+Only typer and the standard library are imported here, so ``ddimctl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model: a built-in name (mnist, mnist-flow), a diffusers-layout directory, a .safetensors file, "
+        "or a Hub repo owner/name[@revision].",
+        envvar="DDIMCTL_MODEL",
+    ),
+]
+StepsOpt = Annotated[int, typer.Option("--steps", "-s", min=1, help="Number of sampling steps (model calls for ddim).")]
+EtaOpt = Annotated[
+    float,
+    typer.Option("--eta", min=0.0, max=1.0, help="DDIM eta: 0 deterministic (ODE), 1 DDPM. Values outside [0, 1] are refused."),
+]
+SpacingOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--spacing",
+        help="Timestep spacing: leading, trailing, linspace, quad, logsnr. Default: the checkpoint's "
+        "(logsnr for dpm++2m).",
+        show_default=False,
+    ),
+]
+SamplerOpt = Annotated[str, typer.Option("--sampler", help="Sampler: ddim, or dpm++2m (second order, deterministic).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32), float32, float16 or bfloat16.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per model call.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; image i uses seed + i, whatever the batch size.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document with every output and the settings.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes on stderr.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+SkipExistingOpt = Annotated[
+    bool, typer.Option("--skip-existing", help="Keep existing output files and produce only the missing ones.")
+]
+
+DEFAULT_STEPS = 50
+DEFAULT_BATCH_SIZE = 16
