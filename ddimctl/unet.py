@@ -1,0 +1,721 @@
+"""A self-contained torch port of diffusers' ``UNet2DModel`` for DDPM-style checkpoints.
+
+The module tree (hence every ``state_dict`` key and shape) and the forward numerics follow diffusers'
+``UNet2DModel`` (``diffusers/models/unets/unet_2d.py`` and the blocks it builds), so a diffusers
+``diffusion_pytorch_model.safetensors`` loads here with ``strict=True`` and gives the same output, without
+importing diffusers. Only the configurations DDPM checkpoints use are built (``google/ddpm-cifar10-32``,
+``google/ddpm-celebahq-256``, ...): positional time embedding, ``DownBlock2D``/``AttnDownBlock2D`` and
+``UpBlock2D``/``AttnUpBlock2D`` blocks, an optional ``UNetMidBlock2D``, ``"default"`` time conditioning and
+convolutional resampling. Anything else in a config is refused with a one-line :class:`ConfigError`.
+
+    model = UNet2DModel.from_config(json.loads(Path("config.json").read_text()))
+    model.load_state_dict(safetensors.torch.load_file("diffusion_pytorch_model.safetensors"))
+    eps = model(x_t, t)  # a plain tensor shaped like x_t (with out_channels channels)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = [
+    "UNet2DModel",
+    "DEFAULT_CONFIG",
+    "normalize_config",
+    "count_parameters",
+    "convert_legacy_attention_keys",
+]
+
+DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
+UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2D", None)
+
+# diffusers' ``get_activation`` table (the name is matched case-insensitively there too).
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "swish": nn.SiLU,
+    "silu": nn.SiLU,
+    "mish": nn.Mish,
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+}
+
+# diffusers' ``UNet2DModel.__init__`` defaults, in its argument order (the order config.json is written in).
+DEFAULT_CONFIG: dict[str, Any] = {
+    "sample_size": None,
+    "in_channels": 3,
+    "out_channels": 3,
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "freq_shift": 0,
+    "flip_sin_to_cos": True,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2D",
+    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [224, 448, 672, 896],
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "downsample_padding": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "attn_norm_num_groups": None,
+    "norm_eps": 1e-5,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "num_train_timesteps": None,
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# config validation
+
+
+def _fmt(value: Any) -> str:
+    """A config value as it reads in a message: strings quoted, JSON-ish otherwise."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        value = list(value)
+    return repr(value)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    if isinstance(v, float):
+        return math.isfinite(v)
+    return _is_int(v)
+
+
+def normalize_config(config: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
+    """Validate a diffusers ``UNet2DModel`` config and return it complete, with diffusers' defaults filled in.
+
+    Keys starting with ``_`` (``_class_name``, ``_diffusers_version``, ``_name_or_path``, ...) are dropped; the
+    result starts with ``"_class_name": "UNet2DModel"`` and then every ``UNet2DModel`` argument, lists as lists.
+    Any key or value this implementation cannot reproduce raises :class:`ConfigError` with a one-line message
+    ``"{source}: ..."`` naming the key and the value.
+    """
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(config).__name__}")
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError(f"{source}: {message}")
+
+    cfg: dict[str, Any] = {}
+    for key, value in config.items():
+        if not isinstance(key, str):
+            raise fail(f"unsupported key {key!r}")
+        if key.startswith("_"):
+            continue  # metadata diffusers writes (_class_name, _diffusers_version, _name_or_path, ...)
+        if key not in DEFAULT_CONFIG:
+            raise fail(f"unsupported key '{key}' (value {_fmt(value)}) for UNet2DModel")
+        cfg[key] = value
+    out: dict[str, Any] = {"_class_name": "UNet2DModel"}
+    for key, default in DEFAULT_CONFIG.items():
+        value = cfg.get(key, default)
+        out[key] = list(value) if isinstance(value, tuple) else value
+
+    def choice(key: str, supported: tuple) -> None:
+        value = out[key]
+        if value not in supported or isinstance(value, bool):
+            names = ", ".join(_fmt(s) if s is None else str(s) for s in supported)
+            raise fail(f"unsupported {key} {_fmt(value)} (supported: {names})")
+
+    def positive_int(key: str, *, nullable: bool = False) -> None:
+        value = out[key]
+        if value is None and nullable:
+            return
+        if not _is_int(value) or value < 1:
+            what = "a positive integer or null" if nullable else "a positive integer"
+            raise fail(f"{key} must be {what}, got {_fmt(value)}")
+
+    def boolean(key: str) -> None:
+        if not isinstance(out[key], bool):
+            raise fail(f"{key} must be true or false, got {_fmt(out[key])}")
+
+    # refused features first: their names are the most useful thing to report
+    choice("time_embedding_type", ("positional",))
+    choice("resnet_time_scale_shift", ("default",))
+    choice("downsample_type", ("conv",))
+    choice("upsample_type", ("conv",))
+    choice("mid_block_type", MID_BLOCK_TYPES)
+    for key in ("class_embed_type", "num_class_embeds"):
+        if out[key] is not None:
+            raise fail(f"unsupported {key} {_fmt(out[key])} (class conditioning is not supported; expected null)")
+    for key, supported in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
+        value = out[key]
+        if not isinstance(value, list) or not value:
+            raise fail(f"{key} must be a non-empty list of block type names, got {_fmt(value)}")
+        for entry in value:
+            if entry not in supported or not isinstance(entry, str):
+                raise fail(f"unsupported {key} entry {_fmt(entry)} (supported: {', '.join(supported)})")
+    act = out["act_fn"]
+    if not isinstance(act, str) or act.lower() not in _ACTIVATIONS:
+        raise fail(f"unsupported act_fn {_fmt(act)} (supported: {', '.join(_ACTIVATIONS)})")
+
+    # shapes and types
+    channels = out["block_out_channels"]
+    if not isinstance(channels, list) or not channels or not all(_is_int(c) and c > 0 for c in channels):
+        raise fail(f"block_out_channels must be a non-empty list of positive integers, got {_fmt(channels)}")
+    for key in ("down_block_types", "up_block_types"):
+        if len(out[key]) != len(channels):
+            raise fail(
+                f"{key} {_fmt(out[key])} has {len(out[key])} entries but block_out_channels {_fmt(channels)} "
+                f"has {len(channels)}"
+            )
+    for key in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
+        positive_int(key)
+    for key in ("time_embedding_dim", "attention_head_dim", "attn_norm_num_groups", "num_train_timesteps"):
+        positive_int(key, nullable=True)
+    for key in ("center_input_sample", "flip_sin_to_cos", "add_attention"):
+        boolean(key)
+    if not _is_int(out["downsample_padding"]) or out["downsample_padding"] < 0:
+        raise fail(f"downsample_padding must be a non-negative integer, got {_fmt(out['downsample_padding'])}")
+    if not _is_number(out["freq_shift"]):
+        raise fail(f"freq_shift must be a number, got {_fmt(out['freq_shift'])}")
+    half_dim = channels[0] // 2
+    if half_dim - out["freq_shift"] == 0:
+        raise fail(f"freq_shift {_fmt(out['freq_shift'])} equals half of block_out_channels[0] (division by zero)")
+    if not _is_number(out["mid_block_scale_factor"]) or out["mid_block_scale_factor"] == 0:
+        raise fail(f"mid_block_scale_factor must be a non-zero number, got {_fmt(out['mid_block_scale_factor'])}")
+    if not _is_number(out["norm_eps"]) or out["norm_eps"] < 0:
+        raise fail(f"norm_eps must be a non-negative number, got {_fmt(out['norm_eps'])}")
+    if not _is_number(out["dropout"]) or not 0 <= out["dropout"] <= 1:
+        raise fail(f"dropout must be a number in [0, 1], got {_fmt(out['dropout'])}")
+
+    groups = out["norm_num_groups"]
+    for c in channels:
+        if c % groups:
+            raise fail(f"block_out_channels entry {c} is not divisible by norm_num_groups {groups}")
+    has_mid_attention = out["mid_block_type"] is not None and out["add_attention"]
+    attn_groups = out["attn_norm_num_groups"]
+    if attn_groups is not None and has_mid_attention and channels[-1] % attn_groups:
+        raise fail(
+            f"block_out_channels entry {channels[-1]} (mid block) is not divisible by "
+            f"attn_norm_num_groups {attn_groups}"
+        )
+    head_dim = out["attention_head_dim"]
+    if head_dim is not None:
+        attn_channels = [c for c, t in zip(channels, out["down_block_types"]) if t == "AttnDownBlock2D"]
+        attn_channels += [c for c, t in zip(reversed(channels), out["up_block_types"]) if t == "AttnUpBlock2D"]
+        attn_channels += [channels[-1]] if has_mid_attention else []
+        if attn_channels and head_dim > min(attn_channels):
+            raise fail(
+                f"attention_head_dim {head_dim} is larger than the {min(attn_channels)} channels of an attention block"
+            )
+
+    size = out["sample_size"]
+    if size is not None:
+        sizes = [size] if _is_int(size) else size
+        if not isinstance(sizes, list) or len(sizes) not in (1, 2) or not all(_is_int(s) and s > 0 for s in sizes):
+            raise fail(f"sample_size must be a positive integer, a [height, width] pair or null, got {_fmt(size)}")
+        factor = 2 ** (len(channels) - 1)
+        if any(s % factor for s in sizes):
+            raise fail(
+                f"sample_size {_fmt(size)} is not a multiple of {factor} (2 ** (len(block_out_channels) - 1))"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# layers
+
+
+def _activation(name: str) -> nn.Module:
+    return _ACTIVATIONS[name.lower()]()
+
+
+def timestep_embedding(
+    timesteps: torch.Tensor, embedding_dim: int, flip_sin_to_cos: bool, downscale_freq_shift: float
+) -> torch.Tensor:
+    """diffusers' ``get_timestep_embedding`` (max_period 10000, scale 1): ``(N,)`` -> float32 ``(N, embedding_dim)``."""
+    half_dim = embedding_dim // 2
+    exponent = -math.log(10000) * torch.arange(start=0, end=half_dim, dtype=torch.float32, device=timesteps.device)
+    exponent = exponent / (half_dim - downscale_freq_shift)
+    emb = torch.exp(exponent)
+    emb = timesteps[:, None].float() * emb[None, :]  # (N, half_dim)
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)  # (N, 2 * half_dim)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half_dim:], emb[:, :half_dim]], dim=-1)
+    if embedding_dim % 2 == 1:
+        emb = F.pad(emb, (0, 1, 0, 0))  # (N, embedding_dim)
+    return emb
+
+
+class Timesteps(nn.Module):
+    """Sinusoidal projection of timesteps (no parameters); always returns float32."""
+
+    def __init__(self, num_channels: int, flip_sin_to_cos: bool, downscale_freq_shift: float):
+        super().__init__()
+        self.num_channels = num_channels
+        self.flip_sin_to_cos = flip_sin_to_cos
+        self.downscale_freq_shift = downscale_freq_shift
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return timestep_embedding(timesteps, self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift)
+
+
+class TimestepEmbedding(nn.Module):
+    """``linear_1 -> SiLU -> linear_2`` (diffusers always uses SiLU here, whatever ``act_fn`` says)."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(sample)))
+
+
+class ResnetBlock2D(nn.Module):
+    """Pre-norm residual block with additive time conditioning (diffusers' ``time_embedding_norm="default"``)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        groups: int,
+        eps: float,
+        act_fn: str,
+        dropout: float = 0.0,
+        output_scale_factor: float = 1.0,
+    ):
+        super().__init__()
+        self.output_scale_factor = output_scale_factor
+        self.norm1 = nn.GroupNorm(num_groups=groups, num_channels=in_channels, eps=eps, affine=True)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = nn.GroupNorm(num_groups=groups, num_channels=out_channels, eps=eps, affine=True)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.nonlinearity = _activation(act_fn)
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+            if in_channels != out_channels
+            else None
+        )
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        hidden = self.conv1(self.nonlinearity(self.norm1(input_tensor)))  # (B, C_out, H, W)
+        temb = self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]  # (B, C_out, 1, 1)
+        hidden = self.norm2(hidden + temb)
+        hidden = self.conv2(self.dropout(self.nonlinearity(hidden)))
+        if self.conv_shortcut is not None:
+            input_tensor = self.conv_shortcut(input_tensor)  # (B, C_out, H, W)
+        return (input_tensor + hidden) / self.output_scale_factor
+
+
+class Attention(nn.Module):
+    """Spatial self-attention with residual, as diffusers' ``Attention`` built from a deprecated attention block.
+
+    ``heads = channels // head_dim``; attention runs through ``F.scaled_dot_product_attention`` exactly like
+    diffusers' default ``AttnProcessor2_0`` (scale ``head_dim ** -0.5``, no dropout).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        head_dim: int,
+        norm_num_groups: int | None,
+        eps: float,
+        rescale_output_factor: float = 1.0,
+    ):
+        super().__init__()
+        self.heads = channels // head_dim
+        self.head_dim = head_dim
+        inner_dim = self.heads * head_dim
+        self.rescale_output_factor = rescale_output_factor
+        self.group_norm = (
+            nn.GroupNorm(num_channels=channels, num_groups=norm_num_groups, eps=eps, affine=True)
+            if norm_num_groups is not None
+            else None
+        )
+        self.to_q = nn.Linear(channels, inner_dim, bias=True)
+        self.to_k = nn.Linear(channels, inner_dim, bias=True)
+        self.to_v = nn.Linear(channels, inner_dim, bias=True)
+        self.to_out = nn.ModuleList([nn.Linear(inner_dim, channels, bias=True), nn.Dropout(0.0)])
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        residual = hidden_states
+        batch, channels, height, width = hidden_states.shape
+        hidden_states = hidden_states.reshape(batch, channels, height * width)  # (B, C, H*W)
+        if self.group_norm is not None:
+            # normalised in (B, C, H*W) form like diffusers: a (B, C, H, W) GroupNorm differs in the last bits
+            hidden_states = self.group_norm(hidden_states)
+        hidden_states = hidden_states.transpose(1, 2)  # (B, H*W, C)
+        # (B, H*W, inner) -> (B, heads, H*W, head_dim)
+        query = self.to_q(hidden_states).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+        key = self.to_k(hidden_states).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+        value = self.to_v(hidden_states).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, height * width, -1)  # (B, H*W, inner)
+        hidden_states = self.to_out[1](self.to_out[0](hidden_states))  # (B, H*W, C)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, channels, height, width)  # (B, C, H, W)
+        return (hidden_states + residual) / self.rescale_output_factor
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 convolution; ``padding=0`` pads right/bottom by one first, as diffusers does."""
+
+    def __init__(self, channels: int, padding: int):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=padding)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            hidden_states = F.pad(hidden_states, (0, 1, 0, 1), mode="constant", value=0)
+        return self.conv(hidden_states)  # (B, C, H/2, W/2)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # diffusers' workarounds for upsample_nearest_nhwc failing on large batches / large outputs
+        if hidden_states.shape[0] >= 64 or hidden_states.numel() * 2 > 2**31:
+            hidden_states = hidden_states.contiguous()
+        hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        return self.conv(hidden_states)
+
+
+class DownBlock2D(nn.Module):
+    """``DownBlock2D`` (``with_attention=False``) or ``AttnDownBlock2D``: resnets (+ attention), then downsample."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        num_layers: int,
+        add_downsample: bool,
+        with_attention: bool,
+        groups: int,
+        eps: float,
+        act_fn: str,
+        dropout: float,
+        downsample_padding: int,
+        attention_head_dim: int,
+    ):
+        super().__init__()
+        # attentions registered before resnets, as diffusers does, so state_dict keys come in the same order
+        self.attentions = (
+            nn.ModuleList(Attention(out_channels, attention_head_dim, groups, eps) for _ in range(num_layers))
+            if with_attention
+            else None
+        )
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(
+                in_channels if i == 0 else out_channels, out_channels, temb_channels, groups, eps, act_fn, dropout
+            )
+            for i in range(num_layers)
+        )
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, downsample_padding)]) if add_downsample else None
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Returns the block output and every intermediate state the up path concatenates back in."""
+        output_states: tuple[torch.Tensor, ...] = ()
+        for i, resnet in enumerate(self.resnets):
+            hidden_states = resnet(hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = self.attentions[i](hidden_states)
+            output_states += (hidden_states,)
+        if self.downsamplers is not None:
+            hidden_states = self.downsamplers[0](hidden_states)
+            output_states += (hidden_states,)
+        return hidden_states, output_states
+
+
+class UpBlock2D(nn.Module):
+    """``UpBlock2D`` (``with_attention=False``) or ``AttnUpBlock2D``: (concat skip, resnet, attention) x n, upsample."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channel: int,
+        out_channels: int,
+        temb_channels: int,
+        num_layers: int,
+        add_upsample: bool,
+        with_attention: bool,
+        groups: int,
+        eps: float,
+        act_fn: str,
+        dropout: float,
+        attention_head_dim: int,
+    ):
+        super().__init__()
+        resnets = []
+        for i in range(num_layers):
+            res_skip_channels = in_channels if i == num_layers - 1 else out_channels
+            resnet_in_channels = prev_output_channel if i == 0 else out_channels
+            resnets.append(
+                ResnetBlock2D(
+                    resnet_in_channels + res_skip_channels, out_channels, temb_channels, groups, eps, act_fn, dropout
+                )
+            )
+        self.attentions = (
+            nn.ModuleList(Attention(out_channels, attention_head_dim, groups, eps) for _ in range(num_layers))
+            if with_attention
+            else None
+        )
+        self.resnets = nn.ModuleList(resnets)
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+
+    def forward(
+        self, hidden_states: torch.Tensor, res_hidden_states: tuple[torch.Tensor, ...], temb: torch.Tensor
+    ) -> torch.Tensor:
+        """Consumes ``res_hidden_states`` from the end, one per resnet."""
+        for i, resnet in enumerate(self.resnets):
+            skip = res_hidden_states[-1 - i]
+            hidden_states = torch.cat([hidden_states, skip], dim=1)  # (B, C + C_skip, H, W)
+            hidden_states = resnet(hidden_states, temb)
+            if self.attentions is not None:
+                hidden_states = self.attentions[i](hidden_states)
+        if self.upsamplers is not None:
+            hidden_states = self.upsamplers[0](hidden_states)
+        return hidden_states
+
+
+class UNetMidBlock2D(nn.Module):
+    """resnet, then (attention, resnet); every output divided by ``output_scale_factor``."""
+
+    def __init__(
+        self,
+        channels: int,
+        temb_channels: int,
+        groups: int,
+        attn_groups: int | None,
+        eps: float,
+        act_fn: str,
+        dropout: float,
+        output_scale_factor: float,
+        add_attention: bool,
+        attention_head_dim: int,
+    ):
+        super().__init__()
+        attn_groups = groups if attn_groups is None else attn_groups  # resnet_time_scale_shift is "default"
+
+        def resnet() -> ResnetBlock2D:
+            return ResnetBlock2D(channels, channels, temb_channels, groups, eps, act_fn, dropout, output_scale_factor)
+
+        self.attentions = (
+            nn.ModuleList([Attention(channels, attention_head_dim, attn_groups, eps, output_scale_factor)])
+            if add_attention
+            else None
+        )
+        self.resnets = nn.ModuleList([resnet(), resnet()])
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.resnets[0](hidden_states, temb)
+        if self.attentions is not None:
+            hidden_states = self.attentions[0](hidden_states)
+        return self.resnets[1](hidden_states, temb)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the model
+
+
+class UNet2DModel(nn.Module):
+    """diffusers' ``UNet2DModel`` (DDPM subset): ``model(sample, timestep) -> tensor``.
+
+    Build it from a config dict (``UNet2DModel(config)``, ``UNet2DModel(**config)`` or
+    ``UNet2DModel.from_config(config)``); the config is validated by :func:`normalize_config` and kept, complete,
+    as ``self.config`` (writable back as diffusers' ``config.json``).
+    """
+
+    def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any):
+        super().__init__()
+        merged = config if config is not None else {}
+        if kwargs:
+            merged = {**merged, **kwargs}
+        self.config: dict[str, Any] = normalize_config(merged)
+        cfg = self.config
+
+        channels = cfg["block_out_channels"]
+        n_blocks = len(channels)
+        groups, eps, act_fn, dropout = cfg["norm_num_groups"], cfg["norm_eps"], cfg["act_fn"], cfg["dropout"]
+        head_dim = cfg["attention_head_dim"]
+        time_embed_dim = cfg["time_embedding_dim"] or channels[0] * 4
+        self.center_input_sample = cfg["center_input_sample"]
+        self.downscale_factor = 2 ** (n_blocks - 1)
+
+        self.conv_in = nn.Conv2d(cfg["in_channels"], channels[0], kernel_size=3, padding=(1, 1))
+        self.time_proj = Timesteps(channels[0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
+        self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim)
+
+        # registration order as in diffusers (down_blocks, up_blocks, then mid_block) for the same key order
+        self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        output_channel = channels[0]
+        for i, block_type in enumerate(cfg["down_block_types"]):
+            input_channel, output_channel = output_channel, channels[i]
+            self.down_blocks.append(
+                DownBlock2D(
+                    input_channel,
+                    output_channel,
+                    time_embed_dim,
+                    num_layers=cfg["layers_per_block"],
+                    add_downsample=i < n_blocks - 1,
+                    with_attention=block_type == "AttnDownBlock2D",
+                    groups=groups,
+                    eps=eps,
+                    act_fn=act_fn,
+                    dropout=dropout,
+                    downsample_padding=cfg["downsample_padding"],
+                    attention_head_dim=head_dim if head_dim is not None else output_channel,
+                )
+            )
+
+        self.mid_block = None
+        if cfg["mid_block_type"] is not None:
+            self.mid_block = UNetMidBlock2D(
+                channels[-1],
+                time_embed_dim,
+                groups=groups,
+                attn_groups=cfg["attn_norm_num_groups"],
+                eps=eps,
+                act_fn=act_fn,
+                dropout=dropout,
+                output_scale_factor=cfg["mid_block_scale_factor"],
+                add_attention=cfg["add_attention"],
+                attention_head_dim=head_dim if head_dim is not None else channels[-1],
+            )
+
+        reversed_channels = list(reversed(channels))
+        output_channel = reversed_channels[0]
+        for i, block_type in enumerate(cfg["up_block_types"]):
+            prev_output_channel, output_channel = output_channel, reversed_channels[i]
+            input_channel = reversed_channels[min(i + 1, n_blocks - 1)]
+            self.up_blocks.append(
+                UpBlock2D(
+                    input_channel,
+                    prev_output_channel,
+                    output_channel,
+                    time_embed_dim,
+                    num_layers=cfg["layers_per_block"] + 1,
+                    add_upsample=i < n_blocks - 1,
+                    with_attention=block_type == "AttnUpBlock2D",
+                    groups=groups,
+                    eps=eps,
+                    act_fn=act_fn,
+                    dropout=dropout,
+                    attention_head_dim=head_dim if head_dim is not None else output_channel,
+                )
+            )
+
+        self.conv_norm_out = nn.GroupNorm(num_channels=channels[0], num_groups=groups, eps=eps)
+        self.conv_act = nn.SiLU()  # SiLU whatever act_fn is, as in diffusers
+        self.conv_out = nn.Conv2d(channels[0], cfg["out_channels"], kernel_size=3, padding=1)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], source: str = "config.json") -> UNet2DModel:
+        """Validate ``config`` (errors name ``source``) and build the model with freshly initialised weights."""
+        normalized = normalize_config(config, source)
+        return cls(normalized)
+
+    def _timesteps(self, timestep: torch.Tensor | float | int, batch: int, device: torch.device) -> torch.Tensor:
+        """``timestep`` as a ``(batch,)`` tensor on ``device``, broadcast like diffusers (no host sync)."""
+        if not torch.is_tensor(timestep):
+            # diffusers wraps python numbers as torch.long, so a float timestep is truncated towards zero
+            return torch.full((batch,), int(timestep), dtype=torch.long, device=device)
+        timesteps = timestep.to(device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps[None]  # (1,)
+        if timesteps.ndim != 1 or timesteps.shape[0] not in (1, batch):
+            raise ValueError(
+                f"timestep must be a number, a 0-d tensor or a ({batch},) tensor, got shape {tuple(timestep.shape)}"
+            )
+        return timesteps.expand(batch)  # (B,)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int) -> torch.Tensor:
+        """Predict from ``sample`` (B, in_channels, H, W) at ``timestep``; returns (B, out_channels, H, W).
+
+        H and W must be multiples of ``2 ** (len(block_out_channels) - 1)``.
+        """
+        if sample.ndim != 4 or sample.shape[-2] % self.downscale_factor or sample.shape[-1] % self.downscale_factor:
+            raise ValueError(
+                f"sample must be (B, C, H, W) with H and W multiples of {self.downscale_factor}, "
+                f"got shape {tuple(sample.shape)}"
+            )
+        if self.center_input_sample:
+            sample = 2 * sample - 1.0
+
+        # time: the sinusoidal projection is float32; cast to the weights' dtype as diffusers casts to self.dtype
+        timesteps = self._timesteps(timestep, sample.shape[0], sample.device)  # (B,)
+        t_emb = self.time_proj(timesteps).to(dtype=self.time_embedding.linear_1.weight.dtype)  # (B, C0)
+        emb = self.time_embedding(t_emb)  # (B, time_embed_dim)
+
+        sample = self.conv_in(sample)  # (B, C0, H, W)
+        down_block_res_samples: tuple[torch.Tensor, ...] = (sample,)
+        for down_block in self.down_blocks:
+            sample, res_samples = down_block(sample, emb)
+            down_block_res_samples += res_samples
+
+        if self.mid_block is not None:
+            sample = self.mid_block(sample, emb)
+
+        for up_block in self.up_blocks:
+            n = len(up_block.resnets)
+            res_samples = down_block_res_samples[-n:]
+            down_block_res_samples = down_block_res_samples[:-n]
+            sample = up_block(sample, res_samples, emb)
+
+        sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, out_channels, H, W)
+        return sample
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Total number of parameter elements in ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+_LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def convert_legacy_attention_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename pre-0.14 diffusers attention keys (``...attentions.N.query.weight``, ``key``, ``value``, ``proj_attn``)
+    to the current ones (``to_q``, ``to_k``, ``to_v``, ``to_out.0``), as diffusers does on load.
+
+    Returns a new dict; keys already in the current form are kept as they are.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        parts = name.split(".")
+        if (
+            len(parts) >= 4
+            and parts[-1] in ("weight", "bias")
+            and parts[-2] in _LEGACY_ATTENTION_NAMES
+            and parts[-4] == "attentions"
+        ):
+            name = ".".join(parts[:-2] + [_LEGACY_ATTENTION_NAMES[parts[-2]], parts[-1]])
+        out[name] = tensor
+    return out
