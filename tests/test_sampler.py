@@ -297,3 +297,27 @@ def test_float32_runs_and_agrees_with_float64(gaussian):
     x32 = sample(Denoiser(GaussianOracle(s, mu.float(), 0.5)), x_T.float(), plan)
     assert x32.dtype == torch.float32
     assert rms(x32.double() - x64) < 1e-5
+
+
+def test_exact_inversion_of_a_sample_does_not_depend_on_its_batch(gaussian):
+    mu, x_T = gaussian
+    s = vp_schedule()
+    plan = make_plan(s, 10)
+    den = Denoiser(GaussianOracle(s, mu, 0.5))
+    x0 = sample(den, x_T[:4], plan)
+    x0[1] = x0[1] * 3  # an off-distribution image that needs more iterations than the others
+    together = invert_ddim(den, x0, plan, exact=True, tol=1e-9)
+    for i in range(4):
+        alone = invert_ddim(den, x0[i : i + 1], plan, exact=True, tol=1e-9)
+        torch.testing.assert_close(alone[0], together[i], rtol=0, atol=1e-12)
+
+
+def test_exact_inversion_stops_at_the_iteration_cap():
+    s = vp_schedule()
+    plan = make_plan(s, 5)
+    # a wildly nonlinear "model": the fixed point is hard to reach in 3 iterations
+    den = Denoiser(lambda x, t: torch.sin(40 * x))
+    stats = InversionStats()
+    x = invert_ddim(den, torch.full((1, 4), 0.3, dtype=torch.float64), plan, exact=True, tol=1e-14, max_iter=3, stats=stats)
+    assert all(i <= 3 for i in stats.iterations) and stats.model_calls <= 5 * 4
+    assert torch.isfinite(x).all() and stats.max_residual > 1e-14
