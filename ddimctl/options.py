@@ -47,5 +47,14 @@ SkipExistingOpt = Annotated[
     bool, typer.Option("--skip-existing", help="Keep existing output files and produce only the missing ones.")
 ]
 
+ClipOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--clip-sample/--no-clip-sample",
+        help="Clamp the predicted x0 to the data range at each step. Default: the checkpoint's scheduler config.",
+        show_default=False,
+    ),
+]
+
 DEFAULT_STEPS = 50
 DEFAULT_BATCH_SIZE = 16
