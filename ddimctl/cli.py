@@ -468,8 +468,8 @@ def _invert_many(specs, model, steps, spacing, sampler, inversion, tol, max_iter
                  overwrite, skip_existing, rep, suffix, write_latent):
     """The shared body of invert and reconstruct."""
     from .fsutil import check_writable_dir, save_safetensors_atomic
-    from .images import save_png, side_by_side
-    from .pipeline import SamplingOptions, batches, mse_psnr, shard
+    from .images import mse, psnr, save_png, side_by_side
+    from .pipeline import SamplingOptions, batches, shard
 
     if inversion not in ("exact", "plain"):
         raise typer.BadParameter(f"{inversion!r} is not exact or plain", param_hint="--inversion")
@@ -496,7 +496,7 @@ def _invert_many(specs, model, steps, spacing, sampler, inversion, tol, max_iter
             if not write_latent:
                 rec = engine.decode(x_T, cb).float().cpu()
                 ok = [a and b for a, b in zip(ok, _check_finite(rec, [str(paths[i]) for i in chunk], rep))]
-                mse, psnr = mse_psnr(rec, x0)
+                mses, psnrs = mse(rec, x0).tolist(), psnr(rec, x0).tolist()
             for j, i in enumerate(chunk):
                 # model calls made for this image's batch (every call evaluates the whole batch)
                 calls = stats.model_calls + (0 if write_latent else len(engine.plan))
@@ -513,7 +513,7 @@ def _invert_many(specs, model, steps, spacing, sampler, inversion, tol, max_iter
                 else:
                     save_png(rec[j], targets[i])
                     save_png(side_by_side(x0[j], rec[j]), compares[i])
-                    info.update(mse=mse[j], psnr=psnr[j], compare=str(compares[i]))
+                    info.update(mse=mses[j], psnr=psnrs[j], compare=str(compares[i]))
                     rep.output(targets[i])
                     rep.output(compares[i])
                 records.append(info)

@@ -8,7 +8,6 @@ in x over the steps.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -138,11 +137,3 @@ def batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 def shard(items: Sequence[Any], rank: int, world: int) -> list[Any]:
     """The items rank ``rank`` of ``world`` handles: every world-th by index, starting at rank."""
     return list(items[rank::world])
-
-
-def mse_psnr(a: Tensor, b: Tensor) -> tuple[list[float], list[float]]:
-    """Per-image per-dimension MSE and PSNR of two batches in [-1, 1], measured on images mapped to [0, 1]."""
-    ua, ub = ((a.double() + 1) / 2).clamp(0, 1), ((b.double() + 1) / 2).clamp(0, 1)
-    mse = (ua - ub).pow(2).flatten(1).mean(1)
-    psnr = [math.inf if m == 0 else -10 * math.log10(m) for m in mse.tolist()]
-    return mse.tolist(), psnr
