@@ -323,15 +323,16 @@ def sample(
         planned = [out / f"{nm}.png" for nm in names]
     else:
         planned = [out / "samples.safetensors"]
-    extra = [out / f"{nm}.latent.safetensors" for nm in names] if save_latents else []
-    todo = _check_outputs(planned, overwrite, skip_existing)
-    _check_outputs(extra, overwrite, skip_existing)
+    # Each rank checks only its own share of the outputs (the others may be writing theirs meanwhile).
+    mine = shard(indices, rank, world) if fmt == "png" else indices
+    if fmt == "png":
+        work = [i for i, go in zip(mine, _check_outputs([planned[i] for i in mine], overwrite, skip_existing)) if go]
+    else:
+        work = indices if _check_outputs(planned, overwrite, skip_existing)[0] else []
+    if save_latents:
+        _check_outputs([out / f"{names[i]}.latent.safetensors" for i in work], overwrite, False)
     if grid is not None:
         _check_outputs([grid], overwrite, False)
-    if fmt == "png":
-        work = [i for i in shard(indices, rank, world) if todo[i]]
-    else:
-        work = indices if todo[0] else []
 
     import torch
 
@@ -479,10 +480,10 @@ def _invert_many(specs, model, steps, spacing, sampler, inversion, tol, max_iter
     check_writable_dir(out)
     targets = _unique_names(paths, out, suffix)
     compares = [out / f"{p.stem}.compare.png" for p in paths] if not write_latent else []
-    todo = _check_outputs(targets, overwrite, skip_existing)
-    _check_outputs([c for c, t in zip(compares, todo) if t], overwrite, False)
     rank, world = _distributed()
-    work = [i for i in shard(list(range(len(paths))), rank, world) if todo[i]]
+    mine = shard(list(range(len(paths))), rank, world)  # each rank checks and writes only its share
+    work = [i for i, go in zip(mine, _check_outputs([targets[i] for i in mine], overwrite, skip_existing)) if go]
+    _check_outputs([compares[i] for i in work], overwrite, False)
     records: list[dict[str, Any]] = []
     calls_per_image = len(engine.plan) if write_latent else 2 * len(engine.plan)
     failed = []

@@ -221,3 +221,31 @@ def test_clip_sample_option_changes_the_result(tiny, tmp_path):
     ok("sample", "-m", tiny, "--n", 2, "--steps", 4, "--format", "safetensors", "--out", default)
     assert torch.equal(load_file(default / "samples.safetensors")["samples"], clipped)  # DDIM default: clip on
     assert not torch.equal(clipped, free)
+
+
+def _torchrun(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ddimctl", *map(str, args)],
+        capture_output=True, text=True, timeout=300, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_torchrun_splits_work_by_index_and_the_union_equals_one_process(tiny, tiny_rgb, tmp_path):
+    r = _torchrun("sample", "-m", tiny, "-n", 5, "--steps", 3, "--eta", 0.5, "--out", tmp_path / "dist", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ok("sample", "-m", tiny, "--n", 5, "--steps", 3, "--eta", 0.5, "--out", tmp_path / "single")
+    dist, single = sorted((tmp_path / "dist").iterdir()), sorted((tmp_path / "single").iterdir())
+    assert [p.name for p in dist] == [p.name for p in single] and len(single) == 5
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(dist, single))
+    assert sorted(r.stdout.split()) == [str(p) for p in dist]  # each image reported once, by its rank
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k in range(3):
+        _photo(photos, f"p{k}.png", size=(40 + 8 * k, 32))
+    r = _torchrun("reconstruct", photos, "-m", tiny_rgb, "--steps", 3, "--inversion", "plain", "--out", tmp_path / "rd", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ok("reconstruct", photos, "-m", tiny_rgb, "--steps", 3, "--inversion", "plain", "--out", tmp_path / "rs")
+    rd, rs = sorted((tmp_path / "rd").iterdir()), sorted((tmp_path / "rs").iterdir())
+    assert [p.name for p in rd] == [p.name for p in rs] and len(rs) == 6
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(rd, rs))
