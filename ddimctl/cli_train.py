@@ -3,11 +3,102 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from .options import BatchSizeOpt, DeviceOpt, OverwriteOpt, QuietOpt, SeedOpt
 
-def train() -> None:
+
+def train(
+    data: Annotated[str, typer.Argument(help="A folder of images (recursive), or a built-in dataset: mnist, digits.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (checkpoint/, state, metrics.jsonl, samples/).")],
+    image_size: Annotated[int, typer.Option("--image-size", help="Training resolution (MNIST's 28x28 is padded to 32).")] = 32,
+    channels: Annotated[int, typer.Option("--channels", help="Image channels: 1 (grayscale) or 3 (RGB).")] = 1,
+    base_channels: Annotated[int, typer.Option("--base-channels", help="UNet channels at full resolution.")] = 32,
+    channel_mult: Annotated[str, typer.Option("--channel-mult", help="Channel multiplier per resolution level.")] = "1,2,2",
+    layers_per_block: Annotated[int, typer.Option("--layers-per-block", help="ResNet layers per UNet block.")] = 1,
+    attention_resolutions: Annotated[str, typer.Option("--attention-resolutions", help="Resolutions with self-attention, e.g. 8 or 16,8.")] = "8",
+    norm_num_groups: Annotated[int, typer.Option("--norm-groups", help="GroupNorm groups.")] = 8,
+    objective: Annotated[str, typer.Option("--objective", help="epsilon, v_prediction, sample, or flow (rectified flow).")] = "epsilon",
+    beta_schedule: Annotated[str, typer.Option("--beta-schedule", help="linear, scaled_linear or squaredcos_cap_v2 (DDPM objectives).")] = "linear",
+    train_steps: Annotated[int, typer.Option("--train-steps", help="Optimisation steps in all.")] = 10_000,
+    batch_size: BatchSizeOpt = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 2e-4,
+    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear learning-rate warm-up.")] = 200,
+    ema_decay: Annotated[float, typer.Option("--ema-decay", help="EMA decay of the saved weights.")] = 0.999,
+    grad_clip: Annotated[float, typer.Option("--grad-clip", help="Gradient-norm clip (0: off).")] = 1.0,
+    seed: SeedOpt = 0,
+    hflip: Annotated[bool, typer.Option("--hflip", help="Random horizontal flips (not for digits).")] = False,
+    save_every: Annotated[int, typer.Option("--save-every", min=1, help="Checkpoint and state every N steps.")] = 1000,
+    sample_every: Annotated[int, typer.Option("--sample-every", min=0, help="Preview grid every N steps (0: never).")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
+    device: DeviceOpt = "auto",
+    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, bf16 or fp16 (CUDA only).")] = "no",
+    threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads for torch (0: torch's default).")] = 0,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
     """Train a model on a folder of images or a built-in dataset (mnist, digits)."""
-    sys.stderr.write("ddimctl train: not yet available\n")
-    raise typer.Exit(1)
+    import torch
+
+    from .data import load_dataset
+    from .devices import resolve_device
+    from .train import TrainConfig, parse_ints
+    from .train import train as run
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = TrainConfig(
+        data=data, image_size=image_size, channels=channels, base_channels=base_channels,
+        channel_mult=parse_ints(channel_mult, "--channel-mult"),
+        layers_per_block=layers_per_block,
+        attention_resolutions=parse_ints(attention_resolutions, "--attention-resolutions"),
+        norm_num_groups=norm_num_groups, objective=objective, beta_schedule=beta_schedule, train_steps=train_steps,
+        batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
+        hflip=hflip, save_every=save_every, sample_every=sample_every, mixed_precision=mixed_precision,
+    )
+    cfg.validate()
+    dev = resolve_device(device)
+    images, skipped, described = load_dataset(data, image_size, channels)
+    if images.shape[1] != channels:
+        images = images[:, :channels]
+    say = (lambda m: None) if quiet else (lambda m: sys.stderr.write(m + "\n"))
+    say(f"training on {len(images)} images ({described}){f', {skipped} unreadable files skipped' if skipped else ''}")
+    rank = int(__import__("os").environ.get("RANK", "0"))
+    show_bar = rank == 0 and not quiet and sys.stderr.isatty()
+    with _progress(show_bar, train_steps) as update:
+        state = run(cfg, out, dev, resume=resume, overwrite=overwrite, data=images, on_step=update)
+    if rank == 0:
+        sys.stdout.write(f"{out / 'checkpoint'}\n")
+        say(f"step {state.step}: checkpoint {out / 'checkpoint'} (sample with: ddimctl sample --model {out / 'checkpoint'})")
+
+
+class _progress:
+    """A rich progress bar with loss and iterations/s on stderr (a no-op when off)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda info: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} it/s"),
+                            TimeRemainingColumn(), console=Console(stderr=True))
+        self.bar.start()
+        task = self.bar.add_task("train", total=self.total, loss=float("nan"), rate=0.0)
+
+        def update(info):
+            rate = info["step"] / max(info["elapsed"], 1e-9)
+            self.bar.update(task, completed=info["step"], loss=info["loss"], rate=rate)
+
+        return update
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.stop()

@@ -1,0 +1,324 @@
+"""Training: the DDPM (epsilon / v / x0) and rectified-flow objectives on one UNet, with EMA, exact resume and DDP.
+
+A run directory holds::
+
+    OUT/checkpoint/        the EMA weights in the checkpoint format (load with --model OUT/checkpoint, or diffusers)
+    OUT/state.safetensors  model, EMA and optimizer tensors      } written atomically, together with the
+    OUT/state.json         step, config, optimizer hyperparameters } checkpoint, every --save-every steps
+    OUT/metrics.jsonl      step, loss, lr, elapsed seconds
+    OUT/samples/           preview grids (--sample-every)
+
+Resume is exact: every random draw of step k (the batch's noise, timesteps and flips) comes from a generator
+seeded by (seed, k, rank), and the data order of epoch e from one seeded by (seed, e). So model, EMA, optimizer
+and step are all the state there is; a run stopped at step k and resumed ends bit-identical (on CPU) to one that
+never stopped. Under ``torchrun`` the data is sharded by rank and rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .errors import DdimctlError, InputError, OutputError
+from .prediction import PREDICTION_TYPES, from_x0_eps
+from .settings import SamplerSettings
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (saved in state.json; a resumed run must match it)."""
+
+    data: str
+    image_size: int = 32
+    channels: int = 1
+    base_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    layers_per_block: int = 1
+    attention_resolutions: tuple[int, ...] = (8,)
+    norm_num_groups: int = 8
+    objective: str = "epsilon"
+    beta_schedule: str = "linear"
+    num_train_timesteps: int = 1000
+    train_steps: int = 10_000
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    hflip: bool = False
+    save_every: int = 1000
+    sample_every: int = 0
+    mixed_precision: str = "no"
+
+    def validate(self) -> None:
+        if self.objective not in PREDICTION_TYPES:
+            raise DdimctlError(f"--objective {self.objective}: expected one of {', '.join(PREDICTION_TYPES)}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise DdimctlError(f"--mixed-precision {self.mixed_precision}: expected no, bf16 or fp16")
+        n_levels = len(self.channel_mult)
+        if self.image_size % (2 ** (n_levels - 1)):
+            raise DdimctlError(f"--image-size {self.image_size}: must be divisible by {2 ** (n_levels - 1)} "
+                               f"for {n_levels} resolution levels")
+        for name in ("train_steps", "batch_size", "base_channels", "layers_per_block", "image_size", "channels"):
+            if getattr(self, name) < 1:
+                raise DdimctlError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if not 0 <= self.ema_decay < 1:
+            raise DdimctlError(f"--ema-decay {self.ema_decay}: must be in [0, 1)")
+
+    def unet_config(self) -> dict[str, Any]:
+        """The diffusers UNet2DModel config these size options describe."""
+        chans = [self.base_channels * m for m in self.channel_mult]
+        res = [self.image_size // 2**i for i in range(len(chans))]
+        down = ["AttnDownBlock2D" if r in self.attention_resolutions else "DownBlock2D" for r in res]
+        up = ["AttnUpBlock2D" if r in self.attention_resolutions else "UpBlock2D" for r in reversed(res)]
+        return {
+            "sample_size": self.image_size, "in_channels": self.channels, "out_channels": self.channels,
+            "block_out_channels": chans, "layers_per_block": self.layers_per_block,
+            "down_block_types": down, "up_block_types": up, "norm_num_groups": self.norm_num_groups,
+            "attention_head_dim": min(chans[-1], 32), "flip_sin_to_cos": True, "freq_shift": 0,
+            "downsample_padding": 1, "norm_eps": 1e-5, "act_fn": "silu",
+        }
+
+    def settings(self) -> SamplerSettings:
+        """Sampler settings saved with the checkpoint (DDIM defaults; rectified flow for the flow objective)."""
+        if self.objective == "flow":
+            return SamplerSettings.from_config(
+                {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": self.num_train_timesteps}
+            )
+        return SamplerSettings.from_config({
+            "num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
+            "prediction_type": self.objective, "clip_sample": True, "set_alpha_to_one": True,
+            "steps_offset": 1, "timestep_spacing": "leading",
+        })
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+
+
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then constant."""
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+
+def ema_decay_at(step: int, cfg: TrainConfig) -> float:
+    """EMA decay, ramped up early (1 + step) / (10 + step) so the average does not start from random weights."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
+def batch_indices(step: int, n: int, cfg: TrainConfig, rank: int, world: int) -> Tensor:
+    """Dataset indices of this rank's share of the global batch of ``step`` (epochs are seeded permutations)."""
+    per_step = cfg.batch_size * world
+    start = step * per_step
+    out = []
+    while len(out) < per_step:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        out.extend(perm[offset : offset + per_step - len(out)].tolist())
+    return torch.tensor(out[rank * cfg.batch_size : (rank + 1) * cfg.batch_size])
+
+
+def training_example(x0: Tensor, step: int, cfg: TrainConfig, settings: SamplerSettings, rank: int):
+    """Noised inputs, model times and targets for one batch x0 (B, C, H, W); randomness from (seed, step, rank)."""
+    g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)
+    B = x0.shape[0]
+    if cfg.hflip:
+        flip = torch.rand(B, generator=g) < 0.5
+        x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+    eps = torch.randn(x0.shape, generator=g)
+    T = settings.num_train_timesteps
+    if settings.kind == "flow":
+        sigma = torch.rand(B, generator=g, dtype=torch.float64)
+        a, b = 1 - sigma, sigma
+        t_model = sigma * T
+    else:
+        t = torch.randint(0, T, (B,), generator=g)
+        abar = torch.as_tensor(settings.schedule().alphas_cumprod)[t]
+        a, b = abar.sqrt(), (1 - abar).sqrt()
+        t_model = t.double()
+    a, b = a.float().view(-1, 1, 1, 1), b.float().view(-1, 1, 1, 1)
+    x_t = a * x0 + b * eps
+    target = from_x0_eps(x0, eps, a, b, cfg.objective)
+    return x_t, t_model.float(), target
+
+
+def _save_state(out: Path, state: TrainState, cfg: TrainConfig) -> None:
+    """Write the checkpoint and the training state; each file atomically."""
+    from safetensors.torch import save
+
+    from .checkpoint import save as save_checkpoint
+    from .fsutil import write_bytes_atomic
+
+    unwrapped = getattr(state.model, "module", state.model)
+    meta = {"objective": cfg.objective, "train_step": state.step, "data": cfg.data, "data_range": [-1, 1]}
+    save_checkpoint(out / "checkpoint", state.ema, cfg.settings(), meta, overwrite=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in state.ema.state_dict().items()})
+    opt = state.optimizer.state_dict()
+    for idx, s in opt["state"].items():
+        for name, v in s.items():
+            tensors[f"opt.{idx}.{name}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    write_bytes_atomic(out / STATE_TENSORS, save(tensors))
+    doc = {"step": state.step, "config": dataclasses.asdict(cfg), "param_groups": opt["param_groups"]}
+    write_bytes_atomic(out / STATE_JSON, json.dumps(doc, indent=2).encode())
+
+
+def _load_state(out: Path, state: TrainState, cfg: TrainConfig) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        doc = json.loads((out / STATE_JSON).read_text())
+        tensors = load_file(str(out / STATE_TENSORS))
+    except FileNotFoundError:
+        raise InputError(f"{out}: nothing to resume (no {STATE_JSON} / {STATE_TENSORS})") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{out}: unreadable training state ({str(e).splitlines()[0]})") from None
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in doc["config"].items()}
+    differs = [k for k, v in dataclasses.asdict(cfg).items()
+               if k not in ("train_steps", "save_every", "sample_every") and saved.get(k) != (tuple(v) if isinstance(v, list) else v)]
+    if differs:
+        raise DdimctlError(f"--resume {out}: options differ from the saved run ({', '.join(differs)})")
+    unwrapped = getattr(state.model, "module", state.model)
+    unwrapped.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    opt_state: dict[int, dict[str, Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = v
+    state.optimizer.load_state_dict({"state": opt_state, "param_groups": doc["param_groups"]})
+    state.step = int(doc["step"])
+
+
+@torch.no_grad()
+def preview(ema: torch.nn.Module, cfg: TrainConfig, n: int = 16, steps: int = 50) -> Tensor:
+    """A grid (C, H', W') of n EMA samples (seeds 0..n-1, DDIM eta 0)."""
+    from .images import make_grid
+    from .sampler import make_generators, randn, sample
+
+    settings = cfg.settings()
+    device = next(ema.parameters()).device
+    x = randn(make_generators(range(n)), (cfg.channels, cfg.image_size, cfg.image_size), device=device)
+    x0 = sample(settings.denoiser(ema), x, settings.plan(steps))
+    return make_grid(x0.float().cpu())
+
+
+def train(
+    cfg: TrainConfig,
+    out: Path,
+    device: torch.device,
+    resume: bool = False,
+    overwrite: bool = False,
+    data: Tensor | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainState:
+    """Run (or resume) training to ``cfg.train_steps``; returns the final state. ``data``: (N, C, H, W) in [-1, 1]."""
+    import torch.distributed as dist
+
+    from .fsutil import check_writable_dir
+    from .images import save_png
+    from .unet import UNet2DModel
+
+    cfg.validate()
+    rank, world = _rank_world()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.mixed_precision != "no" and device.type != "cuda":
+        raise DdimctlError(f"--mixed-precision {cfg.mixed_precision}: needs a CUDA GPU (this run is on {device.type})")
+    if rank == 0:
+        if out.exists() and any(out.iterdir()) and not resume and not overwrite:
+            raise OutputError(f"{out}: already exists (use --resume to continue it or --overwrite to start again)")
+        check_writable_dir(out)
+    settings = cfg.settings()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = UNet2DModel.from_config(cfg.unet_config()).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    state = TrainState(model, ema, optimizer)
+    if resume:
+        _load_state(out, state, cfg)
+    if world > 1:
+        state.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    n = len(data)
+    if n < cfg.batch_size * world:
+        raise InputError(f"{cfg.data}: {n} images, fewer than one batch of {cfg.batch_size * world}")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
+    t_start = time.perf_counter()
+    metrics = out / "metrics.jsonl"
+    while state.step < cfg.train_steps:
+        step = state.step
+        idx = batch_indices(step, n, cfg, rank, world)
+        x_t, t, target = training_example(data[idx], step, cfg, settings, rank)
+        x_t, t, target = x_t.to(device), t.to(device), target.to(device)
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = torch.nn.functional.mse_loss(state.model(x_t, t).float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        with torch.no_grad():
+            decay = ema_decay_at(step, cfg)
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        state.step = step + 1
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise DdimctlError(f"step {state.step}: the loss is {loss_value}; lower --lr or check the data")
+        info = {"step": state.step, "loss": loss_value, "lr": lr, "elapsed": time.perf_counter() - t_start}
+        if rank == 0:
+            with open(metrics, "a") as f:
+                f.write(json.dumps(info) + "\n")
+            if cfg.sample_every and state.step % cfg.sample_every == 0:
+                (out / "samples").mkdir(exist_ok=True)
+                save_png(preview(ema, cfg), out / "samples" / f"step_{state.step:07d}.png")
+            if state.step % cfg.save_every == 0 or state.step == cfg.train_steps:
+                _save_state(out, state, cfg)
+        if on_step is not None:
+            on_step(info)
+    if world > 1:
+        dist.barrier()
+    return state
+
+
+def parse_ints(text: str, option: str) -> tuple[int, ...]:
+    """'1,2,2' -> (1, 2, 2); '' -> ()."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise DdimctlError(f"{option} {text!r}: expected comma-separated integers, e.g. 1,2,2") from None
