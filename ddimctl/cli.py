@@ -26,11 +26,15 @@ from .options import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_STEPS,
     BatchSizeOpt,
+    ChannelsLastOpt,
     ClipOpt,
     DeviceOpt,
     DtypeOpt,
+    CompileOpt,
     EtaOpt,
+    InversionOpt,
     JsonOpt,
+    MaxIterOpt,
     ModelOpt,
     OutOpt,
     OverwriteOpt,
@@ -40,6 +44,7 @@ from .options import (
     SkipExistingOpt,
     SpacingOpt,
     StepsOpt,
+    TolOpt,
 )
 
 app = typer.Typer(
@@ -51,14 +56,6 @@ app = typer.Typer(
 )
 
 DEFAULT_MODEL = "mnist"
-InversionOpt = Annotated[
-    str, typer.Option("--inversion", help="exact: solve each inverse step (fixed point); plain: classic DDIM inversion.")
-]
-TolOpt = Annotated[float, typer.Option("--tol", min=0.0, help="Exact inversion: RMS residual to stop at.")]
-MaxIterOpt = Annotated[int, typer.Option("--max-iter", min=1, help="Exact inversion: iterations per step at most.")]
-CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model (falls back if it cannot).")]
-
-
 class Terminated(BaseException):
     """SIGTERM, turned into an exception so that temporary files are cleaned up on the way out."""
 
@@ -160,6 +157,8 @@ def _distributed() -> tuple[int, int]:
 
 def _engine(model_ref, device, dtype, options, compile_model: bool, reporter: Reporter):
     """Load the checkpoint and build the Engine every sampling command uses."""
+    import torch
+
     from .checkpoint import load
     from .devices import resolve_device, resolve_dtype
     from .pipeline import Engine
@@ -168,6 +167,8 @@ def _engine(model_ref, device, dtype, options, compile_model: bool, reporter: Re
     dt = resolve_dtype(dtype, dev)
     ckpt = load(model_ref, device=dev, dtype=dt)
     model = ckpt.model
+    if options.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if compile_model:
         model = _compiled(model, reporter)
     engine = Engine(model, ckpt.settings, options, (ckpt.channels, ckpt.image_size, ckpt.image_size), dev, dt)
@@ -175,13 +176,9 @@ def _engine(model_ref, device, dtype, options, compile_model: bool, reporter: Re
 
 
 def _compiled(model, reporter: Reporter):
-    import torch
+    from .pipeline import compile_with_fallback
 
-    try:
-        return torch.compile(model)
-    except Exception as e:  # torch.compile raises many kinds; fall back to eager with a note
-        reporter.note(f"--compile: not available here ({type(e).__name__}: {str(e).splitlines()[0]}); running eagerly")
-        return model
+    return compile_with_fallback(model, lambda why: reporter.note(f"--compile: {why}; running eagerly"))
 
 
 def _model_doc(ckpt, engine) -> dict[str, Any]:
@@ -291,6 +288,7 @@ def sample(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     compile_model: CompileOpt = False,
+    channels_last: ChannelsLastOpt = False,
     overwrite: OverwriteOpt = False,
     skip_existing: SkipExistingOpt = False,
     json_out: JsonOpt = False,
@@ -309,7 +307,7 @@ def sample(
     x_given = _read_latents(latents) if latents is not None else None
     if x_given is not None:
         n = x_given.shape[0]
-    options = SamplingOptions(steps, eta, sampler, spacing, clip_sample=clip_sample)
+    options = SamplingOptions(steps, eta, sampler, spacing, clip_sample=clip_sample, channels_last=channels_last)
     ckpt, engine = _engine(model, device, dtype, options, compile_model, rep)
     if x_given is not None and tuple(x_given.shape[1:]) != engine.image_shape:
         raise InputError(f"{latents}: latents of shape {tuple(x_given.shape[1:])}, the model needs {engine.image_shape}")
@@ -409,8 +407,8 @@ def invert(
     spacing: SpacingOpt = None,
     sampler: SamplerOpt = "ddim",
     inversion: InversionOpt = "exact",
-    tol: TolOpt = 1e-4,
-    max_iter: MaxIterOpt = 20,
+    tol: TolOpt = 1e-5,
+    max_iter: MaxIterOpt = 50,
     batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
     out: OutOpt = Path("latents"),
     device: DeviceOpt = "auto",
@@ -436,8 +434,8 @@ def reconstruct(
     spacing: SpacingOpt = None,
     sampler: SamplerOpt = "ddim",
     inversion: InversionOpt = "exact",
-    tol: TolOpt = 1e-4,
-    max_iter: MaxIterOpt = 20,
+    tol: TolOpt = 1e-5,
+    max_iter: MaxIterOpt = 50,
     batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
     out: OutOpt = Path("reconstructions"),
     device: DeviceOpt = "auto",

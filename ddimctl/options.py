@@ -56,5 +56,16 @@ ClipOpt = Annotated[
     ),
 ]
 
+InversionOpt = Annotated[
+    str, typer.Option("--inversion", help="exact: solve each inverse step (fixed point); plain: classic DDIM inversion.")
+]
+TolOpt = Annotated[float, typer.Option("--tol", min=0.0, help="Exact inversion: RMS residual to stop at.")]
+MaxIterOpt = Annotated[int, typer.Option("--max-iter", min=1, help="Exact inversion: iterations per step at most.")]
+ChannelsLastOpt = Annotated[
+    bool, typer.Option("--channels-last", help="Run the model in channels-last memory format (often faster on GPUs).")
+]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model (falls back if it cannot).")]
+
+
 DEFAULT_STEPS = 50
 DEFAULT_BATCH_SIZE = 16

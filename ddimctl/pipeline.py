@@ -30,9 +30,10 @@ class SamplingOptions:
     sampler: str = "ddim"
     spacing: str | None = None  # None: the checkpoint's (logsnr for dpm++2m on VP models)
     inversion: str = "exact"  # "exact" | "plain"
-    tol: float = 1e-4
-    max_iter: int = 20
+    tol: float = 1e-5
+    max_iter: int = 50
     clip_sample: bool | None = None  # None: the checkpoint's
+    channels_last: bool = False  # feed the model channels-last inputs (the model's weights should be too)
 
     def resolved_spacing(self, settings: SamplerSettings) -> str:
         if self.spacing is not None:
@@ -82,7 +83,10 @@ class Engine:
             raise DdimctlError("--eta: the dpm++2m sampler is deterministic; use --eta 0 or --sampler ddim")
 
     def _call_model(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.model(x.to(self.model_dtype), t).to(x.dtype)
+        x_in = x.to(self.model_dtype)
+        if self.options.channels_last:
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
+        return self.model(x_in, t).to(x.dtype).contiguous()
 
     @property
     def spacing(self) -> str:
@@ -122,6 +126,30 @@ class Engine:
     def decode(self, x_T: Tensor, callback=None) -> Tensor:
         """The eta = 0 sample of x_T, without clipping (the inverse of :meth:`invert`; reconstruct, interpolate)."""
         return sample(self.ode_denoiser, x_T.to(self.device, torch.float32), self.plan, self.options.sampler, 0.0, None, callback)
+
+
+def compile_with_fallback(model: Callable[[Tensor, Tensor], Tensor], note: Callable[[str], None]):
+    """``torch.compile(model)``, falling back to the eager model (with a note) if compiling fails — when
+    ``torch.compile`` is called or, as usually happens, at the first call."""
+    try:
+        compiled = torch.compile(model)
+    except Exception as e:  # torch.compile raises many kinds of errors; any of them means "not here"
+        note(f"not available ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return model
+    state = {"fn": compiled, "tried": False}
+
+    def call(x: Tensor, t: Tensor) -> Tensor:
+        if state["tried"]:
+            return state["fn"](x, t)
+        state["tried"] = True
+        try:
+            return compiled(x, t)
+        except Exception as e:
+            note(f"compiling failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            state["fn"] = model
+            return model(x, t)
+
+    return call
 
 
 def finite_mask(x: Tensor) -> Tensor:

@@ -249,3 +249,33 @@ def test_torchrun_splits_work_by_index_and_the_union_equals_one_process(tiny, ti
     rd, rs = sorted((tmp_path / "rd").iterdir()), sorted((tmp_path / "rs").iterdir())
     assert [p.name for p in rd] == [p.name for p in rs] and len(rs) == 6
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(rd, rs))
+
+
+def test_compile_falls_back_cleanly(tiny, tmp_path, monkeypatch):
+    ok("sample", "-m", tiny, "--n", 2, "--steps", 3, "--out", tmp_path / "eager")
+
+    def broken_compile(model, *a, **k):
+        def run(*args):
+            raise RuntimeError("no compiler here\nsecond line")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    r = ok("sample", "-m", tiny, "--n", 2, "--steps", 3, "--out", tmp_path / "c1", "--compile")
+    assert "--compile: compiling failed (RuntimeError: no compiler here); running eagerly" in r.stderr
+    monkeypatch.setattr(torch, "compile", lambda model, *a, **k: (_ for _ in ()).throw(RuntimeError("unsupported")))
+    r = ok("sample", "-m", tiny, "--n", 2, "--steps", 3, "--out", tmp_path / "c2", "--compile")
+    assert "--compile: not available (RuntimeError: unsupported)" in r.stderr
+    for d in ("c1", "c2"):
+        for i in range(2):
+            assert (tmp_path / d / f"{i:06d}.png").read_bytes() == (tmp_path / "eager" / f"{i:06d}.png").read_bytes()
+
+
+def test_channels_last_and_bfloat16_agree_with_float32(tiny_rgb, tmp_path):
+    ok("sample", "-m", tiny_rgb, "--n", 2, "--steps", 4, "--format", "safetensors", "--out", tmp_path / "ref")
+    ok("sample", "-m", tiny_rgb, "--n", 2, "--steps", 4, "--format", "safetensors", "--out", tmp_path / "cl", "--channels-last")
+    ok("sample", "-m", tiny_rgb, "--n", 2, "--steps", 4, "--format", "safetensors", "--out", tmp_path / "bf", "--dtype", "bfloat16")
+    ref = load_file(tmp_path / "ref" / "samples.safetensors")["samples"]
+    torch.testing.assert_close(load_file(tmp_path / "cl" / "samples.safetensors")["samples"], ref, atol=1e-4, rtol=0)
+    bf = load_file(tmp_path / "bf" / "samples.safetensors")["samples"]
+    assert bf.dtype == torch.float32 and not torch.equal(bf, ref)  # really ran in bfloat16 ...
+    assert float((bf - ref).abs().mean()) < 0.05  # ... and stays close: the sampler state is float32
