@@ -111,8 +111,8 @@ class Reporter:
 
     def finish(self, document: dict[str, Any]) -> None:
         if self.json_mode:
-            document = {"outputs": self.outputs, **document}
-            sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+            document = _json_safe({"outputs": self.outputs, **document})
+            sys.stdout.write(json.dumps(document, indent=2, default=str, allow_nan=False) + "\n")
 
     @property
     def progress_enabled(self) -> bool:
@@ -121,6 +121,17 @@ class Reporter:
     def progress(self, description: str, total: int):
         """A context manager yielding ``advance(n)``; a no-op when progress is off."""
         return _Progress(description, total, self.progress_enabled)
+
+
+def _json_safe(value: Any) -> Any:
+    """Strict JSON: infinite or NaN floats (a PSNR of identical images) become null."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 class _Progress:

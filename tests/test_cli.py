@@ -279,3 +279,10 @@ def test_channels_last_and_bfloat16_agree_with_float32(tiny_rgb, tmp_path):
     bf = load_file(tmp_path / "bf" / "samples.safetensors")["samples"]
     assert bf.dtype == torch.float32 and not torch.equal(bf, ref)  # really ran in bfloat16 ...
     assert float((bf - ref).abs().mean()) < 0.05  # ... and stays close: the sampler state is float32
+
+
+def test_json_documents_are_strict_json():
+    from ddimctl.cli import _json_safe
+
+    doc = _json_safe({"psnr": float("inf"), "mse": [0.5, float("nan")], "n": 3})
+    assert json.loads(json.dumps(doc, allow_nan=False)) == {"psnr": None, "mse": [0.5, None], "n": 3}
