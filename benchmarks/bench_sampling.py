@@ -1,23 +1,32 @@
-"""ddimctl against diffusers' DDIMPipeline on the same UNet (google/ddpm-cifar10-32's architecture, random weights).
+"""ddimctl against diffusers' DDIMPipeline on the same UNet: google/ddpm-cifar10-32's architecture, random weights.
 
-In one run, alternating the two to cancel drift: wall time of 20-step DDIM sampling at batch 16 for both, their
-ratio, one UNet forward at batch 16 (ours and diffusers'), and each tool's overhead = total - steps x forward, as a
-share of the total. Also checks that both produce the same x0 from the same x_T.
+One run, one process, the same threads: the diffusers UNet2DModel is built with random weights, saved with
+``save_pretrained`` and loaded into ddimctl by ``ddimctl.checkpoint.load``, so both tools run the same weights from
+the same x_T. The two are timed alternately (the order flips every round) to cancel drift, and medians are taken:
 
-    python benchmarks/bench_sampling.py            # CPU, float32, 3 rounds
-    python benchmarks/bench_sampling.py --rounds 1 --steps 5   # quick
+* wall time of a DDIM sampling run (eta 0) of each, and the ratio ddimctl / diffusers (goal <= 1.00);
+* one UNet forward at the same batch, ddimctl's UNet and diffusers' (median of several, also interleaved);
+* overhead = total - steps x (one forward), as a share of the total (goal for ddimctl <= 1 %), for both tools; and
+  the same measured directly inside the timed runs: the run's total minus the time spent inside the UNet's
+  forward (timed by forward hooks, or CUDA events on a GPU);
+* that both give the same x0 (max abs difference, images in [0, 1]).
+
+    python benchmarks/bench_sampling.py                    # CPU, float32, batch 16, 20 steps, 3 rounds
+    python benchmarks/bench_sampling.py --quick            # 1 round
     python benchmarks/bench_sampling.py --device cuda --dtype float16
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import tempfile
 import time
 
 import torch
 
+# google/ddpm-cifar10-32's UNet2DModel config (35.7 M parameters)
 CIFAR10_UNET = {
     "sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": [128, 256, 256, 256],
     "layers_per_block": 2, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
@@ -27,12 +36,13 @@ CIFAR10_UNET = {
 }
 
 
-def sync(device):
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
-def timed(fn, device):
+def timed(fn, device: torch.device):
+    """(seconds, result) of fn(), the device drained before and after."""
     sync(device)
     t = time.perf_counter()
     out = fn()
@@ -40,41 +50,104 @@ def timed(fn, device):
     return time.perf_counter() - t, out
 
 
+class ForwardClock:
+    """Sums the time spent inside a module's forward calls, via forward hooks: perf_counter on the CPU; CUDA events
+    on a GPU (no synchronisation inside the run; read after it)."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list = []
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    def _now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def _pre(self, module, args):
+        self._start = self._now()
+
+    def _post(self, module, args, output):
+        self.spans.append((self._start, self._now()))
+
+    def reset(self) -> None:
+        self.spans = []
+
+    def seconds(self) -> float:
+        if self.cuda:
+            return sum(a.elapsed_time(b) for a, b in self.spans) / 1000
+        return sum(b - a for a, b in self.spans)
+
+
+def load_into_ddimctl(directory: str, device: torch.device, dtype: torch.dtype):
+    """ddimctl's own loader when it exists; else the state dict straight into ddimctl's UNet2DModel."""
+    try:
+        from ddimctl.checkpoint import load
+    except ImportError:
+        load = None
+    if load is not None:
+        ckpt = load(directory, device=device, dtype=dtype)
+        return ckpt.model, ckpt.settings, "ddimctl.checkpoint.load"
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from ddimctl.settings import SamplerSettings
+    from ddimctl.unet import UNet2DModel
+
+    model = UNet2DModel.from_config(json.loads((Path(directory) / "config.json").read_text()))
+    model.load_state_dict(load_file(str(Path(directory) / "diffusion_pytorch_model.safetensors")))
+    settings = SamplerSettings.from_config(json.loads((Path(directory) / "scheduler_config.json").read_text()))
+    return model.to(device, dtype).eval(), settings, "UNet2DModel.load_state_dict"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="timed runs of each tool (default 3; 1 with --quick)")
+    ap.add_argument("--forwards", type=int, default=3, help="timed forwards of each UNet per round")
+    ap.add_argument("--quick", action="store_true", help="one round: for trying the script out")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = ap.parse_args()
+    if args.quick:
+        args.rounds = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import diffusers
 
-    from ddimctl.checkpoint import load
     from ddimctl.pipeline import Engine, SamplingOptions
-    from ddimctl.sampler import make_generators, randn
 
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
+    diffusers.utils.logging.set_verbosity_error()  # its note about casting with .to(dtype) does not apply here
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    B, S = args.batch, args.steps
     torch.manual_seed(0)
+    ref_unet = diffusers.UNet2DModel(**CIFAR10_UNET)
+    scheduler = diffusers.DDIMScheduler()  # DDIMPipeline's scheduler: linear betas, clip_sample, leading spacing
     with tempfile.TemporaryDirectory() as d:
-        ref_unet = diffusers.UNet2DModel(**CIFAR10_UNET)
         ref_unet.save_pretrained(d)
-        sched = diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=True)
-        sched.save_pretrained(d)
-        ckpt = load(d, device=device, dtype=dtype)
+        scheduler.save_pretrained(d)
+        our_unet, settings, how = load_into_ddimctl(d, device, dtype)
     ref_unet = ref_unet.to(device, dtype).eval()
-    pipe = diffusers.DDIMPipeline(unet=ref_unet, scheduler=diffusers.DDIMScheduler.from_config(sched.config))
+    pipe = diffusers.DDIMPipeline(unet=ref_unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    engine = Engine(ckpt.model, ckpt.settings, SamplingOptions(args.steps), (3, 32, 32), device, dtype)
-    seeds = list(range(args.batch))
-    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, device {device}, {args.dtype}, "
-          f"threads {torch.get_num_threads()}, batch {args.batch}, {args.steps} steps, "
-          f"{sum(p.numel() for p in ckpt.model.parameters()) / 1e6:.1f} M parameters")
+    engine = Engine(our_unet, settings, SamplingOptions(steps=S), (3, 32, 32), device, dtype)
+    seeds = list(range(B))
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}, "
+          f"{platform.machine()}; device {device}, {args.dtype}, {torch.get_num_threads()} threads")
+    print(f"UNet: google/ddpm-cifar10-32 architecture, random weights, "
+          f"{sum(p.numel() for p in our_unet.parameters()) / 1e6:.1f} M parameters, loaded into ddimctl by {how}")
+    print(f"batch {B}, {S} DDIM steps (eta 0), {args.rounds} interleaved round(s), torch.inference_mode for both")
 
-    # Same x_T for both: DDIMPipeline draws randn_tensor(shape, generator) on the CPU.
-    x_T = torch.randn((args.batch, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    # The same x_T for both: DDIMPipeline draws randn_tensor(shape, generator) on the CPU.
+    x_T = torch.randn((B, 3, 32, 32), generator=torch.Generator().manual_seed(0))
 
     def run_ours():
         with torch.inference_mode():
@@ -82,43 +155,71 @@ def main() -> None:
 
     def run_diffusers():
         with torch.inference_mode():
-            return pipe(batch_size=args.batch, generator=torch.Generator().manual_seed(0), num_inference_steps=args.steps,
-                        eta=0.0, output_type="np").images
+            return pipe(batch_size=B, generator=torch.Generator().manual_seed(0), num_inference_steps=S,
+                        eta=0.0, output_type="pt").images
 
-    t_fw = torch.full((args.batch,), 500.0, device=device)
+    # One forward each, with the timestep each tool's loop passes (ours: a (B,) float tensor; diffusers: 0-d long).
     x_fw = x_T.to(device, dtype)
+    t_ours = torch.full((B,), 501.0, device=device)
+    t_ref = torch.tensor(501, device=device)
 
     def fw_ours():
         with torch.inference_mode():
-            return ckpt.model(x_fw, t_fw)
+            return our_unet(x_fw, t_ours)
 
     def fw_ref():
         with torch.inference_mode():
-            return ref_unet(x_fw, t_fw).sample
+            return ref_unet(x_fw, t_ref).sample
 
-    run_ours(), run_diffusers(), fw_ours(), fw_ref()  # warm-up
-    ours, theirs, f_ours, f_ref = [], [], [], []
-    for _ in range(args.rounds):
-        ours.append(timed(run_ours, device)[0])
-        theirs.append(timed(run_diffusers, device)[0])
-        for _ in range(3):
-            f_ours.append(timed(fw_ours, device)[0])
-            f_ref.append(timed(fw_ref, device)[0])
-    x_ours = run_ours()
-    x_ref = torch.from_numpy(run_diffusers()).permute(0, 3, 1, 2)
-    diff = float(((x_ours.float().cpu() / 2 + 0.5).clamp(0, 1) - x_ref).abs().max())
+    # Warm-up (first calls build kernels/primitives) and the apples-to-apples check on the same runs.
+    fw_ours(), fw_ref()
+    x_ours, x_ref = run_ours(), run_diffusers()
+    diff_x0 = float(((x_ours.float() / 2 + 0.5).clamp(0, 1) - x_ref.float()).abs().max())
+    with torch.inference_mode():
+        diff_fw = float((fw_ours().float() - fw_ref().float()).abs().max())
 
-    t_ours, t_ref = statistics.median(ours), statistics.median(theirs)
-    fo, fr = statistics.median(f_ours), statistics.median(f_ref)
-    print(f"ddimctl sample      : {t_ours:8.3f} s   (rounds: {', '.join(f'{t:.3f}' for t in ours)})")
-    print(f"diffusers DDIMPipe  : {t_ref:8.3f} s   (rounds: {', '.join(f'{t:.3f}' for t in theirs)})")
-    print(f"ratio ddimctl / diffusers         : {t_ours / t_ref:.3f}   (goal <= 1.00)")
-    print(f"one forward, batch {args.batch}: ddimctl UNet {fo:.4f} s, diffusers UNet {fr:.4f} s (ratio {fo / fr:.3f})")
-    print(f"ddimctl overhead   = total - {args.steps} x forward: {t_ours - args.steps * fo:+.4f} s = "
-          f"{100 * (t_ours - args.steps * fo) / t_ours:+.2f} % of the total   (goal <= 1 %)")
-    print(f"diffusers overhead = total - {args.steps} x forward: {t_ref - args.steps * fr:+.4f} s = "
-          f"{100 * (t_ref - args.steps * fr) / t_ref:+.2f} % of the total")
-    print(f"same x0 from the same x_T: max abs difference {diff:.2e} (images in [0, 1])")
+    clock_ours, clock_ref = ForwardClock(our_unet, device), ForwardClock(ref_unet, device)
+    runs: dict[str, list[float]] = {"ours": [], "diffusers": []}
+    inside: dict[str, list[float]] = {"ours": [], "diffusers": []}
+    fws: dict[str, list[float]] = {"ours": [], "diffusers": []}
+    jobs = {"ours": (run_ours, clock_ours, fw_ours), "diffusers": (run_diffusers, clock_ref, fw_ref)}
+    for r in range(args.rounds):
+        order = ["ours", "diffusers"] if r % 2 == 0 else ["diffusers", "ours"]
+        for name in order:
+            run, clock, _ = jobs[name]
+            clock.reset()
+            seconds, _ = timed(run, device)
+            sync(device)
+            runs[name].append(seconds)
+            inside[name].append(clock.seconds())
+        for _ in range(args.forwards):
+            for name in order:
+                _, clock, fw = jobs[name]
+                fws[name].append(timed(fw, device)[0])
+
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    fw = {k: statistics.median(v) for k, v in fws.items()}
+    out_of_unet = {k: statistics.median(t - i for t, i in zip(runs[k], inside[k])) for k in runs}
+
+    def rounds(v):
+        return ", ".join(f"{t:.3f}" for t in v)
+
+    print()
+    print(f"ddimctl   sampling        : {med['ours']:8.3f} s   (rounds: {rounds(runs['ours'])})")
+    print(f"diffusers DDIMPipeline    : {med['diffusers']:8.3f} s   (rounds: {rounds(runs['diffusers'])})")
+    print(f"ratio ddimctl / diffusers : {med['ours'] / med['diffusers']:8.3f}     (goal <= 1.00)")
+    print(f"one UNet forward, batch {B}: ddimctl {fw['ours']:.4f} s, diffusers {fw['diffusers']:.4f} s "
+          f"(ratio {fw['ours'] / fw['diffusers']:.3f}; median of {len(fws['ours'])} each)")
+    for name, label in (("ours", "ddimctl  "), ("diffusers", "diffusers")):
+        over = med[name] - S * fw[name]
+        goal = "   (goal <= 1 %)" if name == "ours" else ""
+        print(f"{label} overhead = total - {S} x forward        : {over:+8.4f} s = {100 * over / med[name]:+6.2f} % "
+              f"of the total{goal}")
+    for name, label in (("ours", "ddimctl  "), ("diffusers", "diffusers")):
+        o = out_of_unet[name]
+        print(f"{label} time outside the UNet, inside the runs: {o:+8.4f} s = {100 * o / med[name]:+6.2f} % of the total")
+    print(f"same x0 from the same x_T : max abs difference {diff_x0:.2e} (images in [0, 1]); "
+          f"one forward: {diff_fw:.2e}")
 
 
 if __name__ == "__main__":
