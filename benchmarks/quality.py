@@ -39,8 +39,9 @@ def classifier() -> nn.Module:
     )
 
 
-def train_classifier(epochs: int = 6, seed: int = 0) -> tuple[nn.Module, float]:
-    """Train on the 4,500 training digits (with +-2 px shifts); returns (model, held-out accuracy)."""
+def train_classifier(epochs: int = 10, seed: int = 0) -> tuple[nn.Module, float, float]:
+    """Train on the 4,500 training digits (with +-2 px shifts); returns (model, held-out accuracy, share of
+    held-out digits classified with confidence > 0.9 — the ceiling for the samples' figure)."""
     torch.manual_seed(seed)
     x, y = load_builtin_dataset("mnist", 32, with_labels=True)
     xt, yt = load_builtin_dataset("mnist-test", 32, with_labels=True)
@@ -58,8 +59,9 @@ def train_classifier(epochs: int = 6, seed: int = 0) -> tuple[nn.Module, float]:
             opt.step()
     net.eval()
     with torch.no_grad():
-        acc = float((net(xt).argmax(1) == yt).float().mean())
-    return net, acc
+        p = torch.softmax(net(xt), 1)
+    acc = float((p.argmax(1) == yt).float().mean())
+    return net, acc, float((p.max(1).values > 0.9).float().mean())
 
 
 def sample_quality(net, ckpt, steps: int, n: int, batch: int = 50) -> dict:
@@ -95,9 +97,10 @@ def main() -> None:
     args = ap.parse_args()
     steps_list = [int(s) for s in args.steps.split(",")]
     t0 = time.perf_counter()
-    net, acc = train_classifier()
-    print(f"classifier: held-out accuracy {acc:.3f} on 500 digits ({time.perf_counter() - t0:.0f} s)\n")
-    results = {"classifier_accuracy": acc, "models": {}}
+    net, acc, real_conf = train_classifier()
+    print(f"classifier: held-out accuracy {acc:.3f} on 500 real digits, {100 * real_conf:.1f} % of them classified "
+          f"with confidence > 0.9 ({time.perf_counter() - t0:.0f} s)\n")
+    results = {"classifier_accuracy": acc, "real_digits_confident": real_conf, "models": {}}
     for ref in args.models.split(","):
         ckpt = load(ref)
         rows = {}

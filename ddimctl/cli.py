@@ -168,28 +168,17 @@ def _distributed() -> tuple[int, int]:
 
 def _engine(model_ref, device, dtype, options, compile_model: bool, reporter: Reporter):
     """Load the checkpoint and build the Engine every sampling command uses."""
-    import torch
-
     from .checkpoint import load
     from .devices import resolve_device, resolve_dtype
+    from .perf import prepare_model
     from .pipeline import Engine
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     ckpt = load(model_ref, device=dev, dtype=dt)
-    model = ckpt.model
-    if options.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if compile_model:
-        model = _compiled(model, reporter)
+    model, _ = prepare_model(ckpt.model, options.channels_last, compile_model, note=reporter.note)
     engine = Engine(model, ckpt.settings, options, (ckpt.channels, ckpt.image_size, ckpt.image_size), dev, dt)
     return ckpt, engine
-
-
-def _compiled(model, reporter: Reporter):
-    from .pipeline import compile_with_fallback
-
-    return compile_with_fallback(model, lambda why: reporter.note(f"--compile: {why}; running eagerly"))
 
 
 def _model_doc(ckpt, engine) -> dict[str, Any]:

@@ -128,30 +128,6 @@ class Engine:
         return sample(self.ode_denoiser, x_T.to(self.device, torch.float32), self.plan, self.options.sampler, 0.0, None, callback)
 
 
-def compile_with_fallback(model: Callable[[Tensor, Tensor], Tensor], note: Callable[[str], None]):
-    """``torch.compile(model)``, falling back to the eager model (with a note) if compiling fails — when
-    ``torch.compile`` is called or, as usually happens, at the first call."""
-    try:
-        compiled = torch.compile(model)
-    except Exception as e:  # torch.compile raises many kinds of errors; any of them means "not here"
-        note(f"not available ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-        return model
-    state = {"fn": compiled, "tried": False}
-
-    def call(x: Tensor, t: Tensor) -> Tensor:
-        if state["tried"]:
-            return state["fn"](x, t)
-        state["tried"] = True
-        try:
-            return compiled(x, t)
-        except Exception as e:
-            note(f"compiling failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-            state["fn"] = model
-            return model(x, t)
-
-    return call
-
-
 def finite_mask(x: Tensor) -> Tensor:
     """(B,) bool: which samples hold only finite values (one device sync for the whole batch)."""
     return torch.isfinite(x.flatten(1)).all(dim=1).cpu()

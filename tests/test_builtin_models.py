@@ -38,3 +38,27 @@ def test_exact_inversion_reconstructs_heldout_digits_at_10_steps(name, heldout):
         results[inversion] = float(mse(engine.decode(x_T), heldout).mean())
     assert results["exact"] <= 1e-5, results  # per-dimension MSE, images in [0, 1]
     assert results["plain"] > 100 * results["exact"], results  # plain DDIM inversion at 10 steps is far off
+
+
+def test_the_readme_main_job_runs_offline(tmp_path):
+    """The README's command for the main job, exactly as written there, in a fresh folder, offline."""
+    import os
+    import re
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    command = re.search(r"## Run\s+```bash\n(.+?)\n```", readme, re.S).group(1).strip()
+    args = shlex.split(command)
+    assert args[0] == "ddimctl"
+    r = subprocess.run([sys.executable, "-m", "ddimctl", *args[1:]], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    written = sorted((tmp_path / "samples").glob("*.png"))
+    assert [p.name for p in written] == [f"{i:06d}.png" for i in range(16)]
+    assert r.stdout.split() == [str(Path("samples") / p.name) for p in written]
+    assert Image.open(written[0]).size == (32, 32)

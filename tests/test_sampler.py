@@ -322,34 +322,3 @@ def test_exact_inversion_stops_at_the_iteration_cap():
     assert all(i <= 3 for i in stats.iterations) and stats.model_calls <= 5 * 4
     assert torch.isfinite(x).all() and stats.max_residual > 1e-14
 
-
-def test_sampling_loops_never_read_tensors_back_to_the_host():
-    """No .item(), float(), .tolist(), .cpu() or .numpy() inside the DDIM or DPM++ loops: on a GPU those
-    would synchronise the device at every step."""
-    from torch.overrides import TorchFunctionMode
-
-    banned = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"}
-    seen = []
-
-    class Recorder(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            name = getattr(func, "__name__", "")
-            if name in banned:
-                seen.append(name)
-            return func(*args, **(kwargs or {}))
-
-    conv = torch.nn.Conv2d(2, 2, 3, padding=1, dtype=torch.float32)
-    model = lambda x, t: conv(x) * (t.view(-1, 1, 1, 1) / 1000)
-    plan = make_plan(vp_schedule(), 8)
-    den = Denoiser(model, clip_sample=1.0)
-    x = torch.randn(2, 2, 4, 4)
-    gens = make_generators([0, 1])
-    with torch.no_grad(), Recorder():
-        sample(den, x, plan, "ddim", eta=0.0)
-        sample(den, x, plan, "ddim", eta=1.0, generators=gens)
-        sample(den, x, plan, "dpm++2m")
-        invert_ddim(den, x, plan)
-    assert seen == []
-    with torch.no_grad(), Recorder():  # the recorder does see such calls
-        float(x.sum())
-    assert seen == ["__float__"]
