@@ -481,7 +481,8 @@ def _invert_many(specs, model, steps, spacing, sampler, inversion, tol, max_iter
     rank, world = _distributed()
     mine = shard(list(range(len(paths))), rank, world)  # each rank checks and writes only its share
     work = [i for i, go in zip(mine, _check_outputs([targets[i] for i in mine], overwrite, skip_existing)) if go]
-    _check_outputs([compares[i] for i in work], overwrite, False)
+    if compares:
+        _check_outputs([compares[i] for i in work], overwrite, False)
     records: list[dict[str, Any]] = []
     calls_per_image = len(engine.plan) if write_latent else 2 * len(engine.plan)
     failed = []
