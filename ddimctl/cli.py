@@ -472,6 +472,8 @@ def _invert_many(specs, model, steps, spacing, sampler, inversion, tol, max_iter
 
     if inversion not in ("exact", "plain"):
         raise typer.BadParameter(f"{inversion!r} is not exact or plain", param_hint="--inversion")
+    if sampler != "ddim":
+        raise DdimctlError(f"--sampler {sampler}: inversion inverts the DDIM step; use --sampler ddim")
     paths = _images_for(specs)
     options = SamplingOptions(steps, 0.0, sampler, spacing, inversion, tol, max_iter)
     ckpt, engine = _engine(model, device, dtype, options, False, rep)

@@ -286,3 +286,10 @@ def test_json_documents_are_strict_json():
 
     doc = _json_safe({"psnr": float("inf"), "mse": [0.5, float("nan")], "n": 3})
     assert json.loads(json.dumps(doc, allow_nan=False)) == {"psnr": None, "mse": [0.5, None], "n": 3}
+
+
+def test_inversion_refuses_a_sampler_it_cannot_invert(tiny, tmp_path):
+    Image.new("L", (8, 8), 10).save(tmp_path / "a.png")
+    r = cli("reconstruct", tmp_path / "a.png", "-m", tiny, "--sampler", "dpm++2m", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "--sampler dpm++2m: inversion inverts the DDIM step" in r.stderr
+    assert not (tmp_path / "o").exists()
