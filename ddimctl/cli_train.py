@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .options import BatchSizeOpt, DeviceOpt, OverwriteOpt, QuietOpt, SeedOpt
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
 
 
 def train(
@@ -43,32 +47,41 @@ def train(
     """Train a model on a folder of images or a built-in dataset (mnist, digits)."""
     import torch
 
-    from .data import load_dataset
-    from .devices import resolve_device
     from .train import TrainConfig, parse_ints
-    from .train import train as run
 
+    threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    cfg = TrainConfig(
-        data=data, image_size=image_size, channels=channels, base_channels=base_channels,
-        channel_mult=parse_ints(channel_mult, "--channel-mult"),
-        layers_per_block=layers_per_block,
-        attention_resolutions=parse_ints(attention_resolutions, "--attention-resolutions"),
-        norm_num_groups=norm_num_groups, objective=objective, beta_schedule=beta_schedule, train_steps=train_steps,
-        batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, ema_decay=ema_decay, grad_clip=grad_clip, seed=seed,
-        hflip=hflip, save_every=save_every, sample_every=sample_every, mixed_precision=mixed_precision,
-    )
+    try:
+        _train(data, out, device, resume, overwrite, quiet, TrainConfig(
+            data=data, image_size=image_size, channels=channels, base_channels=base_channels,
+            channel_mult=parse_ints(channel_mult, "--channel-mult"),
+            layers_per_block=layers_per_block,
+            attention_resolutions=parse_ints(attention_resolutions, "--attention-resolutions"),
+            norm_num_groups=norm_num_groups, objective=objective, beta_schedule=beta_schedule, train_steps=train_steps,
+            batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, ema_decay=ema_decay, grad_clip=grad_clip,
+            seed=seed, hflip=hflip, save_every=save_every, sample_every=sample_every, mixed_precision=mixed_precision,
+        ))
+    finally:
+        torch.set_num_threads(threads_before)  # in-process callers (tests, notebooks) keep their setting
+
+
+def _train(data: str, out: Path, device: str, resume: bool, overwrite: bool, quiet: bool, cfg: "TrainConfig") -> None:
+    """Load the data, run :func:`ddimctl.train.train` with a progress bar, report the checkpoint."""
+    from .data import load_dataset
+    from .devices import resolve_device
+    from .train import train as run
+
     cfg.validate()
     dev = resolve_device(device)
-    images, skipped, described = load_dataset(data, image_size, channels)
-    if images.shape[1] != channels:
-        images = images[:, :channels]
+    images, skipped, described = load_dataset(data, cfg.image_size, cfg.channels)
+    if images.shape[1] != cfg.channels:
+        images = images[:, : cfg.channels]
     say = (lambda m: None) if quiet else (lambda m: sys.stderr.write(m + "\n"))
     say(f"training on {len(images)} images ({described}){f', {skipped} unreadable files skipped' if skipped else ''}")
-    rank = int(__import__("os").environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK", "0"))
     show_bar = rank == 0 and not quiet and sys.stderr.isatty()
-    with _progress(show_bar, train_steps) as update:
+    with _progress(show_bar, cfg.train_steps) as update:
         state = run(cfg, out, dev, resume=resume, overwrite=overwrite, data=images, on_step=update)
     if rank == 0:
         sys.stdout.write(f"{out / 'checkpoint'}\n")

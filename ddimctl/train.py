@@ -164,7 +164,8 @@ def training_example(x0: Tensor, step: int, cfg: TrainConfig, settings: SamplerS
     return x_t, t_model.float(), target
 
 
-def _save_state(out: Path, state: TrainState, cfg: TrainConfig) -> None:
+def _save_state(out: Path, state: TrainState, cfg: TrainConfig, elapsed: float = 0.0,
+                scaler: "torch.amp.GradScaler | None" = None) -> None:
     """Write the checkpoint and the training state; each file atomically."""
     from safetensors.torch import save
 
@@ -181,11 +182,16 @@ def _save_state(out: Path, state: TrainState, cfg: TrainConfig) -> None:
         for name, v in s.items():
             tensors[f"opt.{idx}.{name}"] = torch.as_tensor(v).detach().cpu().contiguous()
     write_bytes_atomic(out / STATE_TENSORS, save(tensors))
-    doc = {"step": state.step, "config": dataclasses.asdict(cfg), "param_groups": opt["param_groups"]}
+    doc = {"step": state.step, "elapsed": elapsed, "config": dataclasses.asdict(cfg),
+           "param_groups": opt["param_groups"]}
+    if scaler is not None:
+        doc["grad_scaler"] = scaler.state_dict()  # fp16 loss scale: plain numbers
     write_bytes_atomic(out / STATE_JSON, json.dumps(doc, indent=2).encode())
 
 
-def _load_state(out: Path, state: TrainState, cfg: TrainConfig) -> None:
+def _load_state(out: Path, state: TrainState, cfg: TrainConfig,
+                scaler: "torch.amp.GradScaler | None" = None) -> float:
+    """Restore model, EMA, optimizer and step from ``out``; returns the elapsed seconds saved with them."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -211,6 +217,21 @@ def _load_state(out: Path, state: TrainState, cfg: TrainConfig) -> None:
             opt_state.setdefault(int(idx), {})[name] = v
     state.optimizer.load_state_dict({"state": opt_state, "param_groups": doc["param_groups"]})
     state.step = int(doc["step"])
+    if scaler is not None and "grad_scaler" in doc:
+        scaler.load_state_dict(doc["grad_scaler"])
+    return float(doc.get("elapsed", 0.0))
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics rows after ``step`` (logged by a run that stopped before it saved them), atomically."""
+    from .fsutil import write_bytes_atomic
+
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(keep) != len(lines):
+        write_bytes_atomic(path, "".join(keep).encode())
 
 
 @torch.no_grad()
@@ -258,17 +279,22 @@ def train(
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     state = TrainState(model, ema, optimizer)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
+    metrics = out / "metrics.jsonl"
+    elapsed0 = 0.0
     if resume:
-        _load_state(out, state, cfg)
+        elapsed0 = _load_state(out, state, cfg, scaler)
+        if rank == 0:
+            _trim_metrics(metrics, state.step)
+    elif rank == 0:
+        metrics.unlink(missing_ok=True)  # --overwrite starts the log again
     if world > 1:
         state.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     n = len(data)
     if n < cfg.batch_size * world:
         raise InputError(f"{cfg.data}: {n} images, fewer than one batch of {cfg.batch_size * world}")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-    scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
-    t_start = time.perf_counter()
-    metrics = out / "metrics.jsonl"
+    t_start = time.perf_counter() - elapsed0  # elapsed seconds continue across resumes
     while state.step < cfg.train_steps:
         step = state.step
         idx = batch_indices(step, n, cfg, rank, world)
@@ -308,7 +334,7 @@ def train(
                 (out / "samples").mkdir(exist_ok=True)
                 save_png(preview(ema, cfg), out / "samples" / f"step_{state.step:07d}.png")
             if state.step % cfg.save_every == 0 or state.step == cfg.train_steps:
-                _save_state(out, state, cfg)
+                _save_state(out, state, cfg, time.perf_counter() - t_start, scaler)
         if on_step is not None:
             on_step(info)
     if world > 1:
