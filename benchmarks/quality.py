@@ -1,6 +1,6 @@
 """Sample quality of the built-in models, measured with a digit classifier.
 
-1. A small CNN is trained (seeded, CPU, under a minute) on the 4,500 MNIST training digits and tested on the
+1. A small CNN is trained (seeded, CPU, about a minute) on the 4,500 MNIST training digits and tested on the
    500 held-out ones (``mnist-test``), which the built-in models never saw.
 2. For each built-in model and 10, 20, 50 and 100 DDIM steps (eta 0): the share of samples classified with
    confidence > 0.9, and the class histogram (mode coverage: every class should hold >= 5 %).
@@ -31,22 +31,28 @@ PAPER_TABLE2 = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009}
 
 
 def classifier() -> nn.Module:
+    """A small BatchNorm CNN for (B, 1, 32, 32) digits in [-1, 1] -> (B, 10) logits."""
+    def block(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16x16
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 8x8
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 4x4
+        *block(1, 32), *block(32, 32), nn.MaxPool2d(2),  # 16x16
+        *block(32, 64), nn.MaxPool2d(2),  # 8x8
+        *block(64, 64), nn.MaxPool2d(2),  # 4x4
         nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 16, 10),
     )
 
 
-def train_classifier(epochs: int = 10, seed: int = 0) -> tuple[nn.Module, float, float]:
-    """Train on the 4,500 training digits (with +-2 px shifts); returns (model, held-out accuracy, share of
-    held-out digits classified with confidence > 0.9 — the ceiling for the samples' figure)."""
+def train_classifier(epochs: int = 8, seed: int = 0) -> tuple[nn.Module, float, float]:
+    """Train on the 4,500 training digits (with +-2 px shifts, one-cycle learning rate); returns (model, held-out
+    accuracy, share of held-out digits classified with confidence > 0.9 — the ceiling for the samples' figure).
+    The classifier was chosen on held-out accuracy alone, never on the samples' scores."""
     torch.manual_seed(seed)
     x, y = load_builtin_dataset("mnist", 32, with_labels=True)
     xt, yt = load_builtin_dataset("mnist-test", 32, with_labels=True)
     net = classifier()
     opt = torch.optim.Adam(net.parameters(), 1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * -(-len(x) // 64))
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         net.train()
@@ -57,6 +63,7 @@ def train_classifier(epochs: int = 10, seed: int = 0) -> tuple[nn.Module, float,
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
     net.eval()
     with torch.no_grad():
         p = torch.softmax(net(xt), 1)
@@ -92,7 +99,7 @@ def main() -> None:
     ap.add_argument("--models", default="mnist,mnist-flow")
     ap.add_argument("--steps", default="10,20,50,100")
     ap.add_argument("--samples", type=int, default=200)
-    ap.add_argument("--recon", type=int, default=50, help="held-out digits to reconstruct")
+    ap.add_argument("--recon", type=int, default=50, help="held-out digits to reconstruct (0: skip)")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args()
     steps_list = [int(s) for s in args.steps.split(",")]
@@ -109,7 +116,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for steps in steps_list:
             q = sample_quality(net, ckpt, steps, args.samples)
-            q["recon_mse"] = reconstruction_mse(ckpt, steps, args.recon)
+            q["recon_mse"] = reconstruction_mse(ckpt, steps, args.recon) if args.recon else float("nan")
             rows[steps] = q
             hist = " ".join(f"{100 * h:.0f}" for h in q["histogram"])
             print(f"| {steps} | {100 * q['confident']:.1f} % | {100 * q['min_class']:.1f} % | {hist} | "
