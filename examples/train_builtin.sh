@@ -3,7 +3,8 @@
 # side by side on a 2-core machine, about 0.7 s per step each: an hour for 5,000 steps). The runs were started
 # with STEPS=6000 and stopped once both had saved step 5000; nothing in a run depends on --train-steps (the
 # learning rate is constant after warm-up, the EMA ramp depends on the step), so STEPS=5000 reproduces the
-# shipped weights bit for bit. Afterwards the checkpoint/ folder of each run is copied into the package:
+# shipped weights bit for bit (same torch build and CPU kind, one thread). Afterwards the checkpoint/ folder of
+# each run is copied into the package:
 #   cp runs/mnist/checkpoint/*      ddimctl/models/mnist/
 #   cp runs/mnist-flow/checkpoint/* ddimctl/models/mnist-flow/
 set -euo pipefail
