@@ -42,12 +42,14 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn, device: torch.device):
-    """(seconds, result) of fn(), the device drained before and after."""
+    """(wall seconds, CPU seconds of this process, result) of fn(), the device drained before and after.
+
+    CPU time (all threads) is much less disturbed than wall time when other processes compete for the cores."""
     sync(device)
-    t = time.perf_counter()
+    c, t = time.process_time(), time.perf_counter()
     out = fn()
     sync(device)
-    return time.perf_counter() - t, out
+    return time.perf_counter() - t, time.process_time() - c, out
 
 
 class ForwardClock:
@@ -174,31 +176,34 @@ def main() -> None:
     # Warm-up (first calls build kernels/primitives) and the apples-to-apples check on the same runs.
     fw_ours(), fw_ref()
     x_ours, x_ref = run_ours(), run_diffusers()
-    diff_x0 = float(((x_ours.float() / 2 + 0.5).clamp(0, 1) - x_ref.float()).abs().max())
+    d_x0 = ((x_ours.float() / 2 + 0.5).clamp(0, 1) - x_ref.float()).abs()
+    diff_x0, mean_x0 = float(d_x0.max()), float(d_x0.mean())
     with torch.inference_mode():
         diff_fw = float((fw_ours().float() - fw_ref().float()).abs().max())
 
     clock_ours, clock_ref = ForwardClock(our_unet, device), ForwardClock(ref_unet, device)
-    runs: dict[str, list[float]] = {"ours": [], "diffusers": []}
-    inside: dict[str, list[float]] = {"ours": [], "diffusers": []}
-    fws: dict[str, list[float]] = {"ours": [], "diffusers": []}
+    names = ("ours", "diffusers")
+    runs, cpu, inside, fws, fws_cpu = ({k: [] for k in names} for _ in range(5))
     jobs = {"ours": (run_ours, clock_ours, fw_ours), "diffusers": (run_diffusers, clock_ref, fw_ref)}
     for r in range(args.rounds):
         order = ["ours", "diffusers"] if r % 2 == 0 else ["diffusers", "ours"]
         for name in order:
             run, clock, _ = jobs[name]
             clock.reset()
-            seconds, _ = timed(run, device)
-            sync(device)
+            seconds, cpu_seconds, _ = timed(run, device)
             runs[name].append(seconds)
+            cpu[name].append(cpu_seconds)
             inside[name].append(clock.seconds())
         for _ in range(args.forwards):
             for name in order:
-                _, clock, fw = jobs[name]
-                fws[name].append(timed(fw, device)[0])
+                seconds, cpu_seconds, _ = timed(jobs[name][2], device)
+                fws[name].append(seconds)
+                fws_cpu[name].append(cpu_seconds)
 
     med = {k: statistics.median(v) for k, v in runs.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     fw = {k: statistics.median(v) for k, v in fws.items()}
+    fw_cpu = {k: statistics.median(v) for k, v in fws_cpu.items()}
     out_of_unet = {k: statistics.median(t - i for t, i in zip(runs[k], inside[k])) for k in runs}
 
     def rounds(v):
@@ -210,15 +215,24 @@ def main() -> None:
     print(f"ratio ddimctl / diffusers : {med['ours'] / med['diffusers']:8.3f}     (goal <= 1.00)")
     print(f"one UNet forward, batch {B}: ddimctl {fw['ours']:.4f} s, diffusers {fw['diffusers']:.4f} s "
           f"(ratio {fw['ours'] / fw['diffusers']:.3f}; median of {len(fws['ours'])} each)")
+    if device.type == "cpu":
+        print(f"CPU time (all threads)    : ddimctl {med_cpu['ours']:.3f} s, diffusers {med_cpu['diffusers']:.3f} s, "
+              f"ratio {med_cpu['ours'] / med_cpu['diffusers']:.3f}; one forward: ddimctl {fw_cpu['ours']:.4f} s, "
+              f"diffusers {fw_cpu['diffusers']:.4f} s")
     for name, label in (("ours", "ddimctl  "), ("diffusers", "diffusers")):
         over = med[name] - S * fw[name]
         goal = "   (goal <= 1 %)" if name == "ours" else ""
         print(f"{label} overhead = total - {S} x forward        : {over:+8.4f} s = {100 * over / med[name]:+6.2f} % "
               f"of the total{goal}")
+    if device.type == "cpu":
+        for name, label in (("ours", "ddimctl  "), ("diffusers", "diffusers")):
+            over = med_cpu[name] - S * fw_cpu[name]
+            print(f"{label} overhead in CPU time = total - {S} x forward: {over:+8.4f} s = "
+                  f"{100 * over / med_cpu[name]:+6.2f} % of the total")
     for name, label in (("ours", "ddimctl  "), ("diffusers", "diffusers")):
         o = out_of_unet[name]
         print(f"{label} time outside the UNet, inside the runs: {o:+8.4f} s = {100 * o / med[name]:+6.2f} % of the total")
-    print(f"same x0 from the same x_T : max abs difference {diff_x0:.2e} (images in [0, 1]); "
+    print(f"same x0 from the same x_T : max abs difference {diff_x0:.2e}, mean {mean_x0:.2e} (images in [0, 1]); "
           f"one forward: {diff_fw:.2e}")
 
 

@@ -63,28 +63,29 @@ def main() -> None:
     init = UNet2DModel.from_config(cfg.unet_config()).state_dict()
     params = sum(v.numel() for v in init.values())
 
-    def ddimctl_loop() -> float:
-        stamps: dict[int, float] = {}
+    def ddimctl_loop() -> tuple[float, float]:
+        stamps: dict[int, tuple[float, float]] = {}
         with tempfile.TemporaryDirectory() as d:
             train(cfg, Path(d) / "run", torch.device("cpu"), data=data,
-                  on_step=lambda info: stamps.__setitem__(info["step"], time.perf_counter()))
-        return N / (stamps[W + N] - stamps[W])
+                  on_step=lambda info: stamps.__setitem__(info["step"], (time.perf_counter(), time.process_time())))
+        (w0, c0), (w1, c1) = stamps[W], stamps[W + N]
+        return N / (w1 - w0), N / (c1 - c0)
 
-    def plain(make) -> float:
+    def plain(make) -> tuple[float, float]:
         model = make()
         model.load_state_dict(init)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
         for k, (x_t, t, target) in enumerate(examples):
             if k == W:
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
             out = model(x_t, t)
             out = out.sample if hasattr(out, "sample") else out
             loss = torch.nn.functional.mse_loss(out, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        return N / (time.perf_counter() - start)
+        return N / (time.perf_counter() - start), N / (time.process_time() - start_cpu)
 
     jobs = {
         "ddimctl train loop": ddimctl_loop,
@@ -93,21 +94,26 @@ def main() -> None:
     }
     names = list(jobs)
     rates: dict[str, list[float]] = {k: [] for k in names}
+    cpu_rates: dict[str, list[float]] = {k: [] for k in names}
     for r in range(args.rounds):
         for name in names[r % 3:] + names[: r % 3]:  # rotate the order every round
-            rates[name].append(jobs[name]())
+            wall, cpu = jobs[name]()
+            rates[name].append(wall)
+            cpu_rates[name].append(cpu)
     med = {k: statistics.median(v) for k, v in rates.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu_rates.items()}
 
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, CPU, {torch.get_num_threads()} threads")
     print(f"UNet {cfg.unet_config()['block_out_channels']} ({params / 1e6:.2f} M parameters), batch {args.batch} "
           f"x 1 x 32 x 32, epsilon objective, AdamW; {N} timed steps after {W} untimed, {args.rounds} round(s)")
     for name in names:
-        print(f"{name:27s}: {med[name]:7.3f} steps/s   (rounds: {', '.join(f'{v:.3f}' for v in rates[name])})")
-    a, b, c = (med[n] for n in names)
-    print(f"ratio ddimctl train loop / plain diffusers step : {a / c:.3f}   (speed; > 1 is faster)")
-    print(f"ratio plain ddimctl UNet / plain diffusers UNet : {b / c:.3f}")
-    print(f"ddimctl loop around the step (clip, EMA, noising, metrics): {100 * (1 / a - 1 / b) * b:+.1f} % "
-          f"of a plain step's time")
+        print(f"{name:27s}: {med[name]:7.3f} steps/s   (rounds: {', '.join(f'{v:.3f}' for v in rates[name])}); "
+              f"per CPU second (all threads): {med_cpu[name]:.3f}")
+    for label, m in (("wall time", med), ("CPU time ", med_cpu)):
+        a, b, c = (m[n] for n in names)
+        print(f"{label}: ratio ddimctl train loop / plain diffusers step {a / c:.3f} (speed; > 1 is faster), "
+              f"plain ddimctl UNet / plain diffusers UNet {b / c:.3f}, ddimctl's loop around the step (noising, "
+              f"clipping, EMA, metrics) {100 * (b / a - 1):+.1f} % of a plain step's time")
 
 
 if __name__ == "__main__":
