@@ -31,6 +31,8 @@ def train(
     batch_size: BatchSizeOpt = 64,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 2e-4,
     warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear learning-rate warm-up.")] = 200,
+    lr_schedule: Annotated[str, typer.Option("--lr-schedule", help="After warm-up: constant, or cosine (decays to 0 at --train-steps).")] = "constant",
+    init: Annotated[str | None, typer.Option("--init", help="Start from this checkpoint's weights (built-in name, path or Hub id; same UNet and objective); the optimizer starts fresh.")] = None,
     ema_decay: Annotated[float, typer.Option("--ema-decay", help="EMA decay of the saved weights.")] = 0.999,
     grad_clip: Annotated[float, typer.Option("--grad-clip", help="Gradient-norm clip (0: off).")] = 1.0,
     seed: SeedOpt = 0,
@@ -61,6 +63,7 @@ def train(
             norm_num_groups=norm_num_groups, objective=objective, beta_schedule=beta_schedule, train_steps=train_steps,
             batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, ema_decay=ema_decay, grad_clip=grad_clip,
             seed=seed, hflip=hflip, save_every=save_every, sample_every=sample_every, mixed_precision=mixed_precision,
+            lr_schedule=lr_schedule, init=init,
         ))
     finally:
         torch.set_num_threads(threads_before)  # in-process callers (tests, notebooks) keep their setting

@@ -35,6 +35,7 @@ from .settings import SamplerSettings
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -63,6 +64,8 @@ class TrainConfig:
     save_every: int = 1000
     sample_every: int = 0
     mixed_precision: str = "no"
+    lr_schedule: str = "constant"
+    init: str | None = None
 
     def validate(self) -> None:
         if self.objective not in PREDICTION_TYPES:
@@ -78,6 +81,8 @@ class TrainConfig:
                 raise DdimctlError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if not 0 <= self.ema_decay < 1:
             raise DdimctlError(f"--ema-decay {self.ema_decay}: must be in [0, 1)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise DdimctlError(f"--lr-schedule {self.lr_schedule}: expected one of {', '.join(LR_SCHEDULES)}")
 
     def unet_config(self) -> dict[str, Any]:
         """The diffusers UNet2DModel config these size options describe."""
@@ -119,8 +124,31 @@ def _rank_world() -> tuple[int, int]:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then constant."""
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then constant, or (``cosine``) a half cosine that reaches 0
+    at ``train_steps``."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if cfg.lr_schedule == "cosine" and step >= cfg.warmup_steps:
+        span = max(1, cfg.train_steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+    return cfg.lr * warm
+
+
+def init_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Copy the weights of checkpoint ``cfg.init`` (any model reference) into ``model``; its UNet and its objective
+    must be the ones the options describe."""
+    from .checkpoint import load
+    from .unet import normalize_config
+
+    ck = load(cfg.init)
+    want, have = normalize_config(cfg.unet_config()), ck.model.config
+    differs = [f"{k} {have.get(k)!r}, options give {v!r}" for k, v in want.items() if have.get(k) != v]
+    if differs:
+        raise DdimctlError(f"--init {cfg.init}: its UNet differs from the size options ({'; '.join(differs)})")
+    mine = cfg.settings()
+    if (ck.settings.kind, ck.settings.prediction_type) != (mine.kind, mine.prediction_type):
+        raise DdimctlError(f"--init {cfg.init}: it predicts {ck.settings.prediction_type}, "
+                           f"but --objective is {cfg.objective}")
+    model.load_state_dict(ck.model.state_dict())
 
 
 def ema_decay_at(step: int, cfg: TrainConfig) -> float:
@@ -174,6 +202,8 @@ def _save_state(out: Path, state: TrainState, cfg: TrainConfig, elapsed: float =
 
     unwrapped = getattr(state.model, "module", state.model)
     meta = {"objective": cfg.objective, "train_step": state.step, "data": cfg.data, "data_range": [-1, 1]}
+    if cfg.init:
+        meta["init"] = cfg.init
     save_checkpoint(out / "checkpoint", state.ema, cfg.settings(), meta, overwrite=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
     tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in state.ema.state_dict().items()})
@@ -203,8 +233,9 @@ def _load_state(out: Path, state: TrainState, cfg: TrainConfig,
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"{out}: unreadable training state ({str(e).splitlines()[0]})") from None
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in doc["config"].items()}
+    free = ("save_every", "sample_every") + (("train_steps",) if cfg.lr_schedule == "constant" else ())
     differs = [k for k, v in dataclasses.asdict(cfg).items()
-               if k not in ("train_steps", "save_every", "sample_every") and saved.get(k) != (tuple(v) if isinstance(v, list) else v)]
+               if k not in free and saved.get(k) != (tuple(v) if isinstance(v, list) else v)]
     if differs:
         raise DdimctlError(f"--resume {out}: options differ from the saved run ({', '.join(differs)})")
     unwrapped = getattr(state.model, "module", state.model)
@@ -269,13 +300,16 @@ def train(
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.mixed_precision != "no" and device.type != "cuda":
         raise DdimctlError(f"--mixed-precision {cfg.mixed_precision}: needs a CUDA GPU (this run is on {device.type})")
-    if rank == 0:
-        if out.exists() and any(out.iterdir()) and not resume and not overwrite:
-            raise OutputError(f"{out}: already exists (use --resume to continue it or --overwrite to start again)")
-        check_writable_dir(out)
+    if rank == 0 and out.exists() and any(out.iterdir()) and not resume and not overwrite:
+        raise OutputError(f"{out}: already exists (use --resume to continue it or --overwrite to start again)")
     settings = cfg.settings()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = UNet2DModel.from_config(cfg.unet_config()).to(device)
+    model = UNet2DModel.from_config(cfg.unet_config())
+    if cfg.init and not resume:  # a resumed run has the (trained) weights in its state
+        init_weights(model, cfg)  # before --out is created: a checkpoint that does not fit leaves nothing behind
+    model = model.to(device)
+    if rank == 0:
+        check_writable_dir(out)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     state = TrainState(model, ema, optimizer)

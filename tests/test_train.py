@@ -115,6 +115,41 @@ def test_existing_run_is_not_overwritten(tmp_path):
     assert rows == [1, 2, 3]  # --overwrite starts the log again
 
 
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    from ddimctl.train import TrainConfig, lr_at
+
+    cfg = TrainConfig(data="digits", lr=1e-3, warmup_steps=10, train_steps=110, lr_schedule="cosine")
+    lrs = [lr_at(k, cfg) for k in range(110)]
+    assert lrs[:10] == pytest.approx([1e-3 * (k + 1) / 10 for k in range(10)])
+    assert lrs[10] == pytest.approx(1e-3) and lrs[60] == pytest.approx(0.5e-3)  # half way: half the peak
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-6
+    assert lr_at(200, cfg) == 0.0
+    constant = TrainConfig(data="digits", lr=1e-3, warmup_steps=10, train_steps=110)
+    assert lr_at(109, constant) == 1e-3
+
+
+def test_init_starts_from_a_checkpoint_and_checks_it_fits(tmp_path):
+    assert train("digits", "--out", tmp_path / "a", "--train-steps", 6, *TINY).exit_code == 0
+    # learning rate 0: the weights cannot move, so the new run's checkpoint is exactly the one it started from
+    r = train("digits", "--out", tmp_path / "b", "--train-steps", 2, "--init", tmp_path / "a" / "checkpoint",
+              *TINY, "--lr", "0")
+    assert r.exit_code == 0, r.output
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((tmp_path / "b" / "checkpoint" / "ddimctl.json").read_text())
+    assert meta["init"] == str(tmp_path / "a" / "checkpoint")
+    # with a learning rate it trains on from there
+    r = train("digits", "--out", tmp_path / "c", "--train-steps", 2, "--init", tmp_path / "a" / "checkpoint", *TINY)
+    assert r.exit_code == 0 and not torch.equal(weights(tmp_path / "c")["conv_in.weight"], a["conv_in.weight"])
+    r = train("digits", "--out", tmp_path / "e", "--train-steps", 2, "--init", tmp_path / "a" / "checkpoint",
+              *TINY, "--base-channels", "4")
+    assert r.exit_code == 1 and "--init" in r.stderr and "block_out_channels" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
+    r = train("digits", "--out", tmp_path / "f", "--train-steps", 2, "--init", tmp_path / "a" / "checkpoint",
+              *TINY, "--objective", "flow")
+    assert r.exit_code == 1 and "--objective is flow" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_ddp_with_two_cpu_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ddimctl",
            "train", "digits", "--out", str(tmp_path / "run"), "--train-steps", "6", "--save-every", "3", "--device", "cpu", *TINY]
