@@ -1,17 +1,36 @@
 #!/usr/bin/env bash
-# The exact commands that trained the built-in models shipped in ddimctl/models/ (CPU, one thread each, run
-# side by side on a 2-core machine, about 0.7 s per step each: an hour for 5,000 steps). The runs were started
-# with STEPS=6000 and stopped once both had saved step 5000; nothing in a run depends on --train-steps (the
-# learning rate is constant after warm-up, the EMA ramp depends on the step), so STEPS=5000 reproduces the
-# shipped weights bit for bit (same torch build and CPU kind, one thread). Afterwards the checkpoint/ folder of
-# each run is copied into the package:
+# The exact commands that trained the built-in models shipped in ddimctl/models/: CPU, one thread each, the two
+# models side by side on a 2-core machine.
+#
+# Stage 1 (5,000 steps, constant learning rate after warm-up; about an hour). The runs were started with
+# --train-steps 6000 and stopped once both had saved step 5000; with a constant learning rate nothing depends on
+# --train-steps, so STEPS=5000 gives the same weights bit for bit (same torch build and CPU kind, one thread).
+# These were the weights shipped in ddimctl 0.1.0 before stage 2.
+#
+# Stage 2 (20,000 more steps from stage 1's weights, cosine decay of the learning rate to 0, a new seed so the
+# batches differ from stage 1's; 3,381 s and 3,389 s for the two runs side by side on an otherwise idle 2-core
+# machine). The shipped stage-2 runs were started with --init mnist and --init mnist-flow, which at the time were stage 1's checkpoints copied into the package (the same files
+# runs/stage1-*/checkpoint holds); their ddimctl.json says train_step 20000 (stage 2's own steps; 25,000
+# in all). Afterwards the checkpoint/ folder of each run is copied into the package:
 #   cp runs/mnist/checkpoint/*      ddimctl/models/mnist/
 #   cp runs/mnist-flow/checkpoint/* ddimctl/models/mnist-flow/
 set -euo pipefail
-COMMON=(--base-channels 16 --channel-mult 1,2,4 --layers-per-block 1 --attention-resolutions 8 --norm-groups 8
-        --batch-size 32 --lr 5e-4 --warmup-steps 200 --ema-decay 0.999 --grad-clip 1.0 --seed 0
-        --save-every 500 --sample-every 1000 --threads 1 --device cpu --quiet)
+ARCH=(--base-channels 16 --channel-mult 1,2,4 --layers-per-block 1 --attention-resolutions 8 --norm-groups 8)
+RUN=(--batch-size 32 --lr 5e-4 --ema-decay 0.999 --grad-clip 1.0 --save-every 500 --sample-every 1000
+     --threads 1 --device cpu --quiet)
 STEPS=${STEPS:-5000}
-ddimctl train mnist --out runs/mnist      --objective epsilon --beta-schedule linear --train-steps "$STEPS" "${COMMON[@]}" &
-ddimctl train mnist --out runs/mnist-flow --objective flow                           --train-steps "$STEPS" "${COMMON[@]}" &
+FINETUNE_STEPS=${FINETUNE_STEPS:-20000}
+
+ddimctl train mnist --out runs/stage1-mnist      --objective epsilon --beta-schedule linear --train-steps "$STEPS" \
+    --warmup-steps 200 --seed 0 "${ARCH[@]}" "${RUN[@]}" &
+ddimctl train mnist --out runs/stage1-mnist-flow --objective flow --train-steps "$STEPS" \
+    --warmup-steps 200 --seed 0 "${ARCH[@]}" "${RUN[@]}" &
+wait
+
+ddimctl train mnist --out runs/mnist      --init runs/stage1-mnist/checkpoint      --objective epsilon \
+    --beta-schedule linear --train-steps "$FINETUNE_STEPS" --lr-schedule cosine --warmup-steps 100 --seed 1 \
+    "${ARCH[@]}" "${RUN[@]}" &
+ddimctl train mnist --out runs/mnist-flow --init runs/stage1-mnist-flow/checkpoint --objective flow \
+    --train-steps "$FINETUNE_STEPS" --lr-schedule cosine --warmup-steps 100 --seed 1 \
+    "${ARCH[@]}" "${RUN[@]}" &
 wait
