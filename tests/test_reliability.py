@@ -269,8 +269,11 @@ def test_nan_model_is_detected_and_nothing_written(tiny, tmp_path):
 def test_interrupted_batch_leaves_only_complete_files_and_resumes_identically(tiny, tmp_path, sig, code):
     out = tmp_path / "o"
     args = ["sample", "--model", tiny, "--n", 24, "--batch-size", 2, "--steps", 60, "--seed", 5, "--quiet"]
+    # A shell without job control starts background jobs with SIGINT ignored, and Python keeps it ignored: give
+    # the child the default disposition, as an interactive run has, so the suite also works when run with `&`.
     proc = subprocess.Popen([sys.executable, "-m", "ddimctl", *map(str, args), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240  # generous: the machine may be busy
     while time.time() < deadline and len(list(out.glob("*.png"))) < 4 and proc.poll() is None:
         time.sleep(0.05)
