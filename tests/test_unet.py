@@ -266,6 +266,28 @@ def test_half_precision_runs_and_stays_close(dtype):
     assert _max_diff(out, ref) <= 0.05 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_inference_in_place_path_is_bit_identical(name):
+    """Without autograd the blocks update intermediates in place (SiLU/ReLU/Mish, residual and time adds);
+    the values must be exactly those of the autograd path, and the caller's input must be left untouched."""
+    torch.manual_seed(0)
+    model = UNet2DModel({k: v for k, v in TINY_CONFIGS[name].items()}).eval()
+    _perturb_norms(model)
+    size = model.config["sample_size"]
+    x = torch.randn(2, model.config["in_channels"], size, size, generator=torch.Generator().manual_seed(8))
+    x_before = x.clone()
+    t = torch.tensor([3, 801])
+    with torch.enable_grad():
+        tracked = model(x, t)  # the out-of-place path: parameters require grad
+    assert tracked.requires_grad
+    with torch.no_grad():
+        no_grad = model(x, t)
+    with torch.inference_mode():
+        inference = model(x, t)
+    assert torch.equal(no_grad, tracked.detach()) and torch.equal(inference, tracked.detach())
+    assert torch.equal(x, x_before)
+
+
 def test_channels_last_matches_contiguous():
     model = _tiny()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(6))
