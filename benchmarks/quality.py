@@ -116,11 +116,12 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for steps in steps_list:
             q = sample_quality(net, ckpt, steps, args.samples)
-            q["recon_mse"] = reconstruction_mse(ckpt, steps, args.recon) if args.recon else float("nan")
+            q["recon_mse"] = reconstruction_mse(ckpt, steps, args.recon) if args.recon else None  # null in the JSON
             rows[steps] = q
             hist = " ".join(f"{100 * h:.0f}" for h in q["histogram"])
             print(f"| {steps} | {100 * q['confident']:.1f} % | {100 * q['min_class']:.1f} % | {hist} | "
-                  f"{q['recon_mse']:.2e} | {PAPER_TABLE2.get(steps, '')} |", flush=True)
+                  f"{'—' if q['recon_mse'] is None else format(q['recon_mse'], '.2e')} | {PAPER_TABLE2.get(steps, '')} |",
+                  flush=True)
         results["models"][ref] = rows
         print()
     print(f"({time.perf_counter() - t0:.0f} s in all)", file=sys.stderr)
