@@ -120,6 +120,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="both UNets' weights and inputs in channels-last memory format (ddimctl's --channels-last)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile both UNets (ddimctl's --compile; diffusers: pipe.unet = torch.compile(pipe.unet))")
     args = ap.parse_args()
     if args.quick:
         args.rounds = 1
@@ -141,12 +145,26 @@ def main() -> None:
         scheduler.save_pretrained(d)
         our_unet, settings, how = load_into_ddimctl(d, device, dtype)
     ref_unet = ref_unet.to(device, dtype).eval()
+    options = []
+    if args.channels_last or args.compile:  # the same treatment for both tools, as a user of each would apply it
+        from ddimctl.perf import prepare_model
+
+        our_unet, _ = prepare_model(our_unet, channels_last=args.channels_last, compile=args.compile,
+                                    note=lambda line: print(f"ddimctl: {line}"))
+        if args.channels_last:
+            ref_unet = ref_unet.to(memory_format=torch.channels_last)
+            options.append("channels-last")
+        if args.compile:
+            ref_unet = torch.compile(ref_unet)
+            options.append("torch.compile (first calls untimed)")
     pipe = diffusers.DDIMPipeline(unet=ref_unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    engine = Engine(our_unet, settings, SamplingOptions(steps=S), (3, 32, 32), device, dtype)
+    engine = Engine(our_unet, settings, SamplingOptions(steps=S, channels_last=args.channels_last), (3, 32, 32),
+                    device, dtype)
     seeds = list(range(B))
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}, "
-          f"{platform.machine()}; device {device}, {args.dtype}, {torch.get_num_threads()} threads")
+          f"{platform.machine()}; device {device}, {args.dtype}, {torch.get_num_threads()} threads"
+          + "".join(f", {o}" for o in options))
     print(f"UNet: google/ddpm-cifar10-32 architecture, random weights, "
           f"{sum(p.numel() for p in our_unet.parameters()) / 1e6:.1f} M parameters, loaded into ddimctl by {how}")
     print(f"batch {B}, {S} DDIM steps (eta 0), {args.rounds} interleaved round(s), torch.inference_mode for both")
@@ -165,6 +183,8 @@ def main() -> None:
 
     # One forward each, with the timestep each tool's loop passes (ours: a (B,) float tensor; diffusers: 0-d long).
     x_fw = x_T.to(device, dtype)
+    if args.channels_last:
+        x_fw = x_fw.contiguous(memory_format=torch.channels_last)
     t_ours = torch.full((B,), 501.0, device=device)
     t_ref = torch.tensor(501, device=device)
 
