@@ -270,9 +270,7 @@ def test_half_precision_runs_and_stays_close(dtype):
 def test_inference_in_place_path_is_bit_identical(name):
     """Without autograd the blocks update intermediates in place (SiLU/ReLU/Mish, residual and time adds);
     the values must be exactly those of the autograd path, and the caller's input must be left untouched."""
-    torch.manual_seed(0)
-    model = UNet2DModel({k: v for k, v in TINY_CONFIGS[name].items()}).eval()
-    _perturb_norms(model)
+    model = _tiny(**TINY_CONFIGS[name])
     size = model.config["sample_size"]
     x = torch.randn(2, model.config["in_channels"], size, size, generator=torch.Generator().manual_seed(8))
     x_before = x.clone()
