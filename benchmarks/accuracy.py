@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from ddimctl.prediction import Denoiser  # noqa: E402
-from ddimctl.sampler import InversionStats, invert_ddim, sample  # noqa: E402
+from ddimctl.inversion import InversionStats, invert_ddim  # noqa: E402
+from ddimctl.sampler import sample  # noqa: E402
 from ddimctl.schedule import flow_schedule, make_plan, vp_schedule  # noqa: E402
 
 PAPER_TABLE2 = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009}
@@ -77,7 +78,7 @@ def model_part(model_ref: str, n_images: int, steps_list: list[int]) -> None:
     for steps in steps_list:
         row = [str(steps)]
         for inversion in ("plain", "exact"):
-            engine = Engine(ckpt.model, ckpt.settings, SamplingOptions(steps, inversion=inversion, tol=1e-5, max_iter=50), shape)
+            engine = Engine(ckpt.model, ckpt.settings, SamplingOptions(steps=steps, inversion=inversion, tol=1e-5, max_iter=50), shape)
             t0 = time.perf_counter()
             x_T, stats = engine.invert(x0)
             rec = engine.decode(x_T)

@@ -73,7 +73,7 @@ def train_classifier(epochs: int = 8, seed: int = 0) -> tuple[nn.Module, float, 
 
 def sample_quality(net, ckpt, steps: int, n: int, batch: int = 50) -> dict:
     shape = (ckpt.channels, ckpt.image_size, ckpt.image_size)
-    engine = Engine(ckpt.model, ckpt.settings, SamplingOptions(steps), shape)
+    engine = Engine(ckpt.model, ckpt.settings, SamplingOptions(steps=steps), shape)
     probs = []
     for start in range(0, n, batch):
         seeds = list(range(start, min(n, start + batch)))
@@ -88,7 +88,7 @@ def sample_quality(net, ckpt, steps: int, n: int, batch: int = 50) -> dict:
 
 def reconstruction_mse(ckpt, steps: int, n: int) -> float:
     shape = (ckpt.channels, ckpt.image_size, ckpt.image_size)
-    engine = Engine(ckpt.model, ckpt.settings, SamplingOptions(steps, inversion="plain"), shape)
+    engine = Engine(ckpt.model, ckpt.settings, SamplingOptions(steps=steps, inversion="plain"), shape)
     x0 = load_builtin_dataset("mnist-test", ckpt.image_size)[:n]
     x_T, _ = engine.invert(x0)
     return float(mse(engine.decode(x_T), x0).mean())

@@ -4,6 +4,8 @@ The library under the ``ddimctl`` command. The sampler core is plain functions::
 
     from ddimctl import Denoiser, vp_schedule, make_plan, sample, invert_ddim
 
+and :class:`Engine` runs them over a checkpoint as the commands do (``Engine.load("mnist")``).
+
 Names are imported lazily, so ``import ddimctl`` (and ``ddimctl --help``) does not import torch.
 """
 
@@ -14,12 +16,16 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+#: The models shipped inside the package (``ddimctl/models/NAME``), and the one every command uses by default.
+BUILTIN_MODELS = ("mnist", "mnist-flow")
+DEFAULT_MODEL = "mnist"
+
 _EXPORTS = {
+    "inversion": ["InversionStats", "invert_ddim"],
+    "latents": ["load_latents", "save_latents"],
+    "pipeline": ["Engine", "SamplingOptions"],
     "prediction": ["Denoiser", "Thresholding", "from_x0_eps", "to_x0_eps"],
-    "sampler": [
-        "InversionStats", "ddim_sigma", "ddim_step", "invert_ddim", "make_generators", "randn", "sample",
-        "sample_ddim", "sample_dpmpp_2m", "slerp",
-    ],
+    "sampler": ["ddim_sigma", "ddim_step", "make_generators", "randn", "sample", "sample_ddim", "sample_dpmpp_2m", "slerp"],
     "schedule": ["Schedule", "SamplingPlan", "flow_schedule", "make_plan", "select_timesteps", "vp_schedule"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

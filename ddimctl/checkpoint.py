@@ -24,19 +24,17 @@ import hashlib
 import json
 import os
 import re
-import secrets
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from .errors import ModelError, OutputError
+from .errors import ModelError, OutputError, first_line
 from .settings import SamplerSettings
 
-BUILTIN_MODELS = ("mnist", "mnist-flow")
-DEFAULT_MODEL = "mnist"
+from . import BUILTIN_MODELS, DEFAULT_MODEL  # noqa: E402,F401  (defined once, torch-free, in the package root)
+
 BUILTIN_ROOT = Path(__file__).resolve().parent / "models"
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -52,11 +50,6 @@ HUB_FILES = [
 ]
 _HUB_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 _CONVERT_HINT = "convert it to .safetensors, e.g. diffusers' save_pretrained(dir, safe_serialization=True)"
-
-
-def _first_line(e: BaseException | str) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0].strip() if text else type(e).__name__
 
 
 def _pickle_error(path: Path | str) -> ModelError:
@@ -310,11 +303,11 @@ def _resolve_hub(ref: str, repo_id: str, revision: str | None) -> Resolved:
     except RevisionNotFoundError:
         raise ModelError(f"{ref}: revision {revision!r} not found in {repo_id}") from None
     except HFValidationError as e:
-        raise ModelError(f"{ref}: not a valid Hub repo id ({_first_line(e)})") from None
+        raise ModelError(f"{ref}: not a valid Hub repo id ({first_line(e)})") from None
     except HfHubHTTPError as e:
-        raise ModelError(f"{ref}: Hugging Face Hub error ({_first_line(e)})") from None
+        raise ModelError(f"{ref}: Hugging Face Hub error ({first_line(e)})") from None
     except (OSError, ValueError) as e:
-        raise ModelError(f"{ref}: cannot fetch from the Hugging Face Hub ({_first_line(e)})") from None
+        raise ModelError(f"{ref}: cannot fetch from the Hugging Face Hub ({first_line(e)})") from None
     snapshot = Path(folder)
     commit = snapshot.name
     label = f"{repo_id}@{commit}"
@@ -338,7 +331,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise ModelError(f"{path}: cannot read ({e.strerror or _first_line(e)})") from None
+        raise ModelError(f"{path}: cannot read ({e.strerror or first_line(e)})") from None
     except UnicodeDecodeError:
         raise ModelError(f"{path}: not JSON (not UTF-8 text)") from None
     try:
@@ -367,12 +360,12 @@ def _open_safetensors(path: Path):
     try:
         return safetensors.safe_open(str(path), framework="pt")
     except safetensors.SafetensorError as e:
-        detail = _first_line(e).removeprefix("Error while deserializing header: ")
+        detail = first_line(e).removeprefix("Error while deserializing header: ")
         if "not fully covered" in detail or "invalid header length" in detail:
             detail += ": truncated?"
         raise ModelError(f"{path}: not a valid safetensors file ({detail})") from None
     except OSError as e:
-        raise ModelError(f"{path}: cannot read ({e.strerror or _first_line(e)})") from None
+        raise ModelError(f"{path}: cannot read ({e.strerror or first_line(e)})") from None
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
@@ -474,9 +467,9 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load_file(str(path), device="cpu")
     except safetensors.SafetensorError as e:
-        raise ModelError(f"{path}: not a valid safetensors file ({_first_line(e)})") from None
+        raise ModelError(f"{path}: not a valid safetensors file ({first_line(e)})") from None
     except OSError as e:
-        raise ModelError(f"{path}: cannot read ({e.strerror or _first_line(e)})") from None
+        raise ModelError(f"{path}: cannot read ({e.strerror or first_line(e)})") from None
 
 
 def _check_state_dict(path: Path, state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
@@ -540,33 +533,21 @@ def save(
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` in diffusers' layout (``config.json``, ``diffusion_pytorch_model.safetensors``,
-    ``scheduler_config.json``) plus ``ddimctl.json``. The directory is built under a temporary sibling name and
-    renamed into place; an existing ``out_dir`` is an :class:`OutputError` unless ``overwrite``, which swaps it
-    out (old renamed aside, new renamed in, old deleted). A torch.compile or DDP wrapper is unwrapped.
-    Returns ``out_dir``."""
-    import safetensors.torch
+    ``scheduler_config.json``) plus ``ddimctl.json``, as one atomic directory (:func:`ddimctl.fsutil.atomic_dir`:
+    an existing ``out_dir`` is an :class:`~ddimctl.errors.OutputExistsError` unless ``overwrite``). A torch.compile
+    or DDP wrapper is unwrapped. Returns ``out_dir``."""
+    from .fsutil import atomic_dir, safetensors_bytes
 
     out_dir = Path(out_dir)
-    _refuse_existing(out_dir, overwrite)
     model = _unwrap(model)
     config = dict(model.config)
     doc = _ddimctl_meta(config, settings, meta)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+    with atomic_dir(out_dir, overwrite) as tmp:
         _write_json(tmp / CONFIG_NAME, config)
         metadata = {"format": "pt", "ddimctl": json.dumps(doc, default=str)}  # diffusers needs "format": "pt"
-        safetensors.torch.save_file(_state_for_saving(model), str(tmp / WEIGHTS_NAME), metadata=metadata)
+        (tmp / WEIGHTS_NAME).write_bytes(safetensors_bytes(_state_for_saving(model), metadata))
         _write_json(tmp / SCHEDULER_NAME, settings.to_diffusers_config())
         _write_json(tmp / META_NAME, doc)
-        _swap_into_place(tmp, out_dir, overwrite)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"{out_dir}: cannot write ({e.strerror or _first_line(e)})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -578,13 +559,13 @@ def save_file(
     overwrite: bool = False,
 ) -> Path:
     """Write a single ``.safetensors`` file carrying its UNet config, scheduler config and ddimctl metadata as JSON
-    in the file's metadata (written to a temporary sibling, then renamed into place). Returns ``path``."""
-    import safetensors.torch
+    in the file's metadata, atomically. Returns ``path``."""
+    from .fsutil import refuse_existing, save_safetensors_atomic
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise OutputError(f"{path}: a single-file checkpoint must end in .safetensors")
-    _refuse_existing(path, overwrite)
+    refuse_existing(path, overwrite)
     model = _unwrap(model)
     config = dict(model.config)
     metadata = {
@@ -593,43 +574,8 @@ def save_file(
         "scheduler_config": json.dumps(settings.to_diffusers_config()),
         "ddimctl": json.dumps(_ddimctl_meta(config, settings, meta), default=str),
     }
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_file(_state_for_saving(model), str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write ({e.strerror or _first_line(e)})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _refuse_existing(path: Path, overwrite: bool) -> None:
-    if (path.exists() or path.is_symlink()) and not overwrite:
-        raise OutputError(f"{path}: already exists (use --overwrite to replace it)")
+    return save_safetensors_atomic(path, _state_for_saving(model), metadata)
 
 
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-
-
-def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` to ``out``; an existing ``out`` is renamed aside first, then deleted."""
-    if not (out.exists() or out.is_symlink()):
-        os.rename(tmp, out)
-        return
-    _refuse_existing(out, overwrite)
-    old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        os.rename(old, out)  # put the previous version back
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""Device and dtype resolution for ``--device`` and ``--dtype`` (only the CLI and training call this).
+"""Device and dtype resolution for ``--device`` and ``--dtype``, and the process's place under ``torchrun``.
 
 Every error is a one-line :class:`DdimctlError` that names the option and says what to do instead, e.g.
 ``--device cuda: CUDA is not available on this machine (use --device cpu or auto)``.
@@ -6,6 +6,7 @@ Every error is a one-line :class:`DdimctlError` that names the option and says w
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -88,3 +89,8 @@ def schedule_dtype(device: torch.device | str) -> torch.dtype:
     only for code that turns a schedule into tensors on the device (e.g. a training loop's alphas_cumprod table).
     """
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) under ``torchrun`` (its RANK and WORLD_SIZE variables); (0, 1) otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

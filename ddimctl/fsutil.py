@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, Union
 
-from .errors import DdimctlError, OutputError
+from .errors import OutputError, OutputExistsError, SettingError, first_line
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -68,7 +68,7 @@ def describe_oserror(e: OSError) -> str:
         return _REASONS[e.errno]
     if e.strerror:
         return e.strerror[:1].lower() + e.strerror[1:]
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return first_line(e)
 
 
 def output_error(path: PathLike, e: OSError) -> OutputError:
@@ -204,15 +204,15 @@ def check_writable_dir(path: PathLike) -> Path:
     return d
 
 
-def plan_output(path: PathLike, overwrite: bool, skip_existing: bool) -> Literal["write", "skip"]:
-    """What to do with one planned output: ``"write"`` or ``"skip"`` (it exists and ``skip_existing``).
+def plan_output(path: PathLike, overwrite: bool = False, skip_existing: bool = False) -> Literal["write", "skip"]:
+    """The overwrite policy for every output file: ``"write"`` or ``"skip"`` (it exists and ``skip_existing``).
 
-    A destination that exists (a dangling symlink counts) with neither flag raises :class:`OutputError`
-    ``PATH: already exists (use --overwrite to replace it or --skip-existing to keep it)``. A destination that is
-    a directory is never replaced. Both flags at once is a usage error (:class:`DdimctlError`).
+    A destination that exists (a dangling symlink counts) with neither flag raises
+    :class:`~ddimctl.errors.OutputExistsError` (``PATH: already exists``). A destination that is a directory is
+    never replaced by a file. Both flags at once is a :class:`~ddimctl.errors.SettingError`.
     """
     if overwrite and skip_existing:
-        raise DdimctlError("--overwrite and --skip-existing: choose one")
+        raise SettingError([("overwrite", True), ("skip_existing", True)], "choose one")
     p = Path(path)
     if not os.path.lexists(p):
         return "write"
@@ -220,19 +220,79 @@ def plan_output(path: PathLike, overwrite: bool, skip_existing: bool) -> Literal
         raise OutputError(f"{p}: exists and is a directory")
     if skip_existing:
         return "skip"
-    if overwrite:
-        return "write"
-    raise OutputError(f"{p}: already exists (use --overwrite to replace it or --skip-existing to keep it)")
+    refuse_existing(p, overwrite, SKIPPABLE)
+    return "write"
 
 
-def save_safetensors_atomic(
-    path: PathLike, tensors: Mapping[str, "Tensor"], metadata: Mapping[str, str] | None = None
-) -> Path:
-    """Save ``tensors`` (moved to CPU, made contiguous) with string ``metadata`` as a .safetensors file, atomically.
+OVERWRITE = (("overwrite", "replace it"),)
+SKIPPABLE = OVERWRITE + (("skip_existing", "keep it"),)
 
-    Returns ``Path(path)``. Metadata keys and values must be ``str``; anything else raises ``TypeError``.
+
+def refuse_existing(path: PathLike, overwrite: bool, remedies: tuple[tuple[str, str], ...] = OVERWRITE) -> None:
+    """Raise :class:`~ddimctl.errors.OutputExistsError` (with ``remedies``) when ``path`` exists and
+    ``overwrite`` is off."""
+    if os.path.lexists(path) and not overwrite:
+        raise OutputExistsError(Path(path), remedies)
+
+
+@contextmanager
+def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory atomically: yield an empty temporary sibling; on a clean exit it becomes ``path``.
+
+    An existing ``path`` is refused (:class:`~ddimctl.errors.OutputExistsError`) unless ``overwrite``, checked
+    before the block runs and again at the swap; with ``overwrite`` the old one is renamed aside, the new one
+    renamed in, and the old one deleted (if the second rename fails the old one is put back). On any exception the
+    temporary directory is removed; an ``OSError`` becomes :class:`~ddimctl.errors.OutputError` naming ``path``.
     """
-    from safetensors.torch import save
+    import shutil
+
+    dest = Path(path)
+    refuse_existing(dest, overwrite)
+    tmp = _tmp_name(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        yield tmp
+        _swap_into_place(tmp, dest, overwrite)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise output_error(dest, e) from None
+        raise
+
+
+def _swap_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``dest``; an existing ``dest`` is renamed aside first, then deleted."""
+    import shutil
+
+    if not os.path.lexists(dest):
+        os.rename(tmp, dest)
+        return
+    refuse_existing(dest, overwrite)
+    old = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.old")
+    os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        os.rename(old, dest)  # put the previous version back
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+def safetensors_bytes(tensors: Mapping[str, "Tensor"], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The ``.safetensors`` file for ``tensors`` (moved to CPU, made contiguous) and string ``metadata``, the same
+    bytes for the same input.
+
+    safetensors itself writes the metadata in an order that changes from process to process (a hash map), so two
+    runs that compute the same tensors would write different files; the header is written again here with the
+    metadata keys sorted. Metadata keys and values must be ``str``; anything else raises ``TypeError``.
+    """
+    import json
+
+    import safetensors.torch
 
     if metadata is not None:
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
@@ -240,5 +300,18 @@ def save_safetensors_atomic(
             raise TypeError(f"safetensors metadata must map str to str; not so for {bad[:5]}")
         metadata = dict(metadata)
     plain = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    data = save(plain, metadata=metadata)
-    return write_bytes_atomic(path, data)
+    data = safetensors.torch.save(plain, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")  # layout: 8-byte header length, JSON header, tensor data
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to a multiple of 8 bytes
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
+def save_safetensors_atomic(
+    path: PathLike, tensors: Mapping[str, "Tensor"], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write :func:`safetensors_bytes` of ``tensors`` and ``metadata`` to ``path`` atomically. Returns the path."""
+    return write_bytes_atomic(path, safetensors_bytes(tensors, metadata))

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .fsutil import write_bytes_atomic
 
 if TYPE_CHECKING:
@@ -72,17 +72,12 @@ class LoadedImage:
 # Reading
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
-
-
 def _bomb_message(path: Path, e: Exception) -> str:
     m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(e))
     if m:
         detail = f"{int(m.group(1)):,} pixels, more than the limit of {Image.MAX_IMAGE_PIXELS:,}"
     else:
-        detail = _one_line(e)
+        detail = first_line(e)
     return f"{path}: image too large ({detail}; PIL.Image.MAX_IMAGE_PIXELS sets the limit)"
 
 
@@ -134,12 +129,12 @@ def _open_image(path: Path) -> tuple[Image.Image, list[str]]:
     except OSError as e:
         if e.errno is not None:
             raise InputError(f"{path}: cannot read ({describe_oserror(e)})") from None
-        raise InputError(f"{path}: truncated or corrupt image ({_one_line(e)})") from None
+        raise InputError(f"{path}: truncated or corrupt image ({first_line(e)})") from None
     except MemoryError:
         raise InputError(f"{path}: too large to decode (out of memory)") from None
     except (ValueError, EOFError, SyntaxError, struct.error, IndexError, KeyError, ZeroDivisionError) as e:
         # Pillow's format plugins raise these for some malformed files.
-        raise InputError(f"{path}: corrupt image ({_one_line(e)})") from None
+        raise InputError(f"{path}: corrupt image ({first_line(e)})") from None
     return out, notes
 
 
@@ -187,7 +182,7 @@ def _to_unit_array(im: Image.Image, path: Path, notes: list[str]) -> np.ndarray:
     try:
         rgb = im.convert("RGB")
     except (ValueError, OSError) as e:
-        raise InputError(f"{path}: unsupported image mode {mode} ({_one_line(e)})") from None
+        raise InputError(f"{path}: unsupported image mode {mode} ({first_line(e)})") from None
     return np.asarray(rgb).astype(np.float64) / 255.0
 
 
@@ -426,7 +421,21 @@ def psnr(a: Tensor, b: Tensor) -> float | Tensor:
     m = mse(a, b)
     if isinstance(m, torch.Tensor):
         return -10.0 * torch.log10(m)
+    return psnr_from_mse(m)
+
+
+def psnr_from_mse(m: float) -> float:
+    """``-10 log10(m)`` dB (data range 1); inf for m = 0."""
     return math.inf if m == 0 else -10.0 * math.log10(m)
+
+
+def mean_metrics(mses: Sequence[float]) -> dict[str, float]:
+    """The summary ``reconstruct`` reports: the mean per-dimension MSE over images and the PSNR of that mean
+    (as the DDIM paper's Table 2 averages MSE). Empty input gives ``{}``."""
+    if not mses:
+        return {}
+    mean = sum(mses) / len(mses)
+    return {"mean_mse": mean, "mean_psnr": psnr_from_mse(mean)}
 
 
 # ------------------------------------------------------------------------------------------------------------

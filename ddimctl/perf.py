@@ -1,31 +1,29 @@
-"""Opt-in speed options for the commands, and checks that the sampling loops keep the device busy.
+"""Opt-in speed options for the commands.
 
-* :func:`prepare_model` applies ``--channels-last`` (weights in channels-last memory format) and ``--compile``
-  (``torch.compile``, falling back to the eager model with a note when it cannot compile: no C++ compiler, an
-  unsupported platform or Python, a backend error ... — at the ``torch.compile`` call or, as usually happens, at
-  the first forward). It never raises because compiling failed.
-* :func:`record_host_reads` and :func:`cuda_sync_check` verify that a piece of code never reads tensor values
-  back to the host (``.item()``, ``float(t)``, ``.tolist()``, ``.cpu()``, ...). On a GPU every such read
-  waits for all queued kernels; one per sampling step would leave the GPU idle while Python catches up.
+:func:`prepare_model` applies ``--channels-last`` (weights in channels-last memory format) and ``--compile``
+(``torch.compile``, falling back to the eager model with a note when it cannot compile: no C++ compiler, an
+unsupported platform or Python, a backend error ... — at the ``torch.compile`` call or, as usually happens, at
+the first forward). It never raises because compiling failed.
 
     model, notes = prepare_model(model, channels_last=True, compile=True, note=print)
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-__all__ = ["prepare_model", "CompiledWithFallback", "HOST_READS", "record_host_reads", "cuda_sync_check"]
+from .errors import first_line
+
+__all__ = ["prepare_model", "CompiledWithFallback"]
 
 
 def _why(e: BaseException) -> str:
-    text = str(e).strip()
-    first = text.splitlines()[0].strip() if text else ""
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    """``Type: first line`` of a compile failure (the type says which stage failed)."""
+    first = first_line(e)
+    return type(e).__name__ if first == type(e).__name__ else f"{type(e).__name__}: {first}"
 
 
 class CompiledWithFallback(nn.Module):
@@ -96,52 +94,3 @@ def prepare_model(
     if compile:
         model = CompiledWithFallback(model, add)
     return model, notes
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Host-device synchronisation checks
-
-#: Tensor methods that copy values to the host (and so wait for the device): none may run inside a sampling loop.
-HOST_READS = frozenset({"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"})
-
-
-class _HostReadRecorder(torch.overrides.TorchFunctionMode):
-    def __init__(self, seen: list[str]):
-        super().__init__()
-        self.seen = seen
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in HOST_READS:
-            self.seen.append(name)
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def record_host_reads() -> Iterator[list[str]]:
-    """Within the block, record the name of every tensor host read (see :data:`HOST_READS`), on any device.
-
-        with record_host_reads() as reads:
-            sample(denoiser, x, plan)
-        assert reads == []
-
-    Works on the CPU, where such reads cost nothing but would each be a sync on a GPU.
-    """
-    seen: list[str] = []
-    with _HostReadRecorder(seen):
-        yield seen
-
-
-@contextlib.contextmanager
-def cuda_sync_check(mode: str = "error") -> Iterator[bool]:
-    """Within the block, make every synchronising CUDA call raise (``mode="error"``) or warn (``"warn"``), via
-    ``torch.cuda.set_sync_debug_mode``; yields whether the check is active (False without CUDA)."""
-    if not torch.cuda.is_available():
-        yield False
-        return
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode(mode)
-    try:
-        yield True
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)

@@ -69,20 +69,23 @@ def from_x0_eps(x0: Tensor, eps: Tensor, a: float, b: float, prediction_type: st
     raise ValueError(f"unknown prediction_type {prediction_type!r} (expected one of {', '.join(PREDICTION_TYPES)})")
 
 
-def output_x_coefficient(prediction_type: str, a: float, b: float, a_to: float, b_to: float) -> float:
-    """d x_to / d x for the η = 0 step ``x_to = a_to x0_hat + b_to eps_hat`` when the raw model output is held.
+def frozen_jacobian(prediction_type: str, a: float, b: float) -> tuple[float, float]:
+    """``(d x0_hat / d x, d eps_hat / d x)`` at ``x = a x0 + b eps`` with the raw model output held fixed.
 
-    Exact inversion divides the forward-step residual by this to update its guess of x (a Newton step with the
-    model output frozen).
+    Every parameterization makes (x0_hat, eps_hat) affine in x for a fixed output, with these scalar slopes.
+    Exact inversion builds its Newton step from them (a step ``x_to = alpha x + beta x0_hat + gamma eps_hat`` has
+    slope ``alpha + beta dx0 + gamma deps`` in x).
     """
     if prediction_type == "epsilon":
-        return a_to / a
+        return 1.0 / a, 0.0
     if prediction_type == "sample":
-        return b_to / b
+        return 0.0, 1.0 / b
     if prediction_type == "v_prediction":
-        return (a_to * a + b_to * b) / (a * a + b * b)
+        n = a * a + b * b
+        return a / n, b / n
     if prediction_type == "flow":
-        return (a_to + b_to) / (a + b)
+        n = a + b
+        return 1.0 / n, 1.0 / n
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
@@ -124,6 +127,8 @@ class Denoiser:
             x0 = x0.clamp(-self.clip_sample, self.clip_sample)
         return x0, eps
 
-    def x_coefficient(self, a: float, b: float, a_to: float, b_to: float) -> float:
-        """See :func:`output_x_coefficient`."""
-        return output_x_coefficient(self.prediction_type, a, b, a_to, b_to)
+    def frozen_jacobian(self, a: float, b: float) -> tuple[float, float]:
+        """``(d x0_hat / d x, d eps_hat / d x)`` with the model output held (see :func:`frozen_jacobian`); the
+        interface exact inversion relies on. (With clipping or thresholding the true slope differs where they act:
+        inversion runs without them.)"""
+        return frozen_jacobian(self.prediction_type, a, b)

@@ -1,25 +1,30 @@
-"""The sampler core: DDIM (and DPM-Solver++ 2M) sampling and inversion as plain functions.
+"""The sampler core: DDIM and the higher-order samplers as plain functions.
 
 Every function takes a ``denoise(x_t, t, a, b) -> (x0_hat, eps_hat)`` callable (see
-:class:`ddimctl.prediction.Denoiser`), a tensor ``x`` of shape (B, C, H, W) and a
+:class:`ddimctl.prediction.Denoiser`), a tensor ``x`` of shape (B, ...) and a
 :class:`ddimctl.schedule.SamplingPlan`; none touches files, devices or the terminal. Progress goes to an
 optional ``callback(info: dict)``, called after every step with ``step``, ``total``, ``x`` and ``x0``.
 
 The DDIM step (Song, Meng & Ermon 2021, eq. 12, with sigma from eq. 16) is written once, for any process
-``x_t = a_t x0 + b_t eps``, so it serves VP (DDPM) and rectified-flow models alike::
+``x_t = a_t x0 + b_t eps``, so it serves VP (DDPM) and rectified-flow models alike. The paper's alpha_t is
+DDPM's alpha-bar; for a VP process ``a_t = sqrt(alpha_t)`` and ``b_t = sqrt(1 - alpha_t)``::
 
-    x_prev = a_prev * x0_hat + sqrt(b_prev^2 - sigma^2) * eps_hat + sigma * z
-    sigma  = eta * b_prev * sqrt(1 - (a_t b_prev / (b_t a_prev))^2)
+    x_prev = a_prev * x0_hat + sqrt(b_prev^2 - sigma_t^2) * eps_hat + sigma_t * z                  (eq. 12)
+    sigma_t = eta * b_prev * sqrt(1 - (a_t b_prev / (b_t a_prev))^2)                               (eq. 16)
 
-For VP (``a^2 = alphabar``, ``b^2 = 1 - alphabar``) sigma equals the paper's
-``eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)``; for rectified flow with eta = 0
-the step is exactly an Euler step ``x_prev = x_t + (s_prev - s_t) v``.
+which for VP is the paper's ``eta * sqrt((1 - alpha_prev) / (1 - alpha_t)) * sqrt(1 - alpha_t / alpha_prev)``;
+for rectified flow (``a = 1 - s``, ``b = s``) with eta = 0 the step is exactly an Euler step
+``x_prev = x_t + (s_prev - s_t) v``.
+
+No autograd graph is recorded while sampling (as k-diffusion's samplers run under ``no_grad``), unless the
+plan's own levels are tensors that require grad: then the caller is optimising the plan (:mod:`ddimctl.tuning`)
+and gradients flow through every step. The levels are read as Python floats in every other case.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -29,7 +34,6 @@ from .schedule import SamplingPlan
 
 Denoise = Callable[[Tensor, Tensor, float, float], "tuple[Tensor, Tensor]"]
 Callback = Callable[[dict[str, Any]], None]
-SAMPLERS = ("ddim", "dpm++2m")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -51,36 +55,86 @@ def randn(generators: Sequence[torch.Generator], shape: Sequence[int], dtype=tor
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The step
+# Scalars: a level is a Python float, or a 0-d tensor when a plan is being optimised; these take either.
 
 
-def ddim_sigma(a: float, b: float, a_to: float, b_to: float, eta: float) -> float:
-    """sigma_t(eta) of eq. 16, written through (a, b): eta * b_to * sqrt(1 - (a b_to / (b a_to))^2)."""
-    if eta == 0 or b_to == 0:
-        return 0.0
-    ratio = (a * b_to) / (b * a_to)  # = exp(lambda_t - lambda_prev) <= 1 when moving towards data
-    return eta * b_to * math.sqrt(max(0.0, 1.0 - ratio * ratio))
+def _sqrt(v):
+    return torch.sqrt(v) if torch.is_tensor(v) else math.sqrt(v)
 
 
-def ddim_step(x0: Tensor, eps: Tensor, a_to: float, b_to: float, sigma: float = 0.0, z: Tensor | None = None) -> Tensor:
-    """Eq. 12: move to level (a_to, b_to) given (x0_hat, eps_hat); ``z`` is the fresh noise when sigma > 0."""
-    # 1. "predicted x0" part, 2. "direction pointing to x_t", 3. random noise
-    x = a_to * x0 + math.sqrt(max(b_to * b_to - sigma * sigma, 0.0)) * eps
-    if sigma > 0:
-        x = x + sigma * z
-    return x
+def _log(v):
+    return torch.log(v) if torch.is_tensor(v) else (-math.inf if v == 0 else math.log(v))
 
 
-def _model_times(plan: SamplingPlan, x: Tensor) -> Tensor:
+def _expm1(v):
+    return torch.expm1(v) if torch.is_tensor(v) else math.expm1(v)
+
+
+def _isfinite(v) -> bool:
+    return bool(torch.isfinite(v)) if torch.is_tensor(v) else math.isfinite(v)
+
+
+def lam(a, b):
+    """The half log-SNR ``lambda = log(a / b)``: -inf at pure noise (a = 0), +inf at the clean end (b = 0)."""
+    return _log(a) - _log(b)
+
+
+def plan_requires_grad(plan: SamplingPlan) -> bool:
+    """Whether a plan's levels or times are tensors being optimised (then the samplers record a graph)."""
+    return any(torch.is_tensor(v) and v.requires_grad for v in (plan.a, plan.b, plan.timesteps))
+
+
+def sampling_function(fn: Callable) -> Callable:
+    """Run a sampler (or inversion) with autograd off, unless its plan requires grad (see the module notes)."""
+
+    @functools.wraps(fn)
+    def wrapper(denoise, x, plan, *args, **kwargs):
+        with torch.set_grad_enabled(plan_requires_grad(plan)):
+            return fn(denoise, x, plan, *args, **kwargs)
+
+    return wrapper
+
+
+def model_times(plan: SamplingPlan, x: Tensor) -> Tensor:
     """The plan's model times on x's device, once, before the loop (no host-device transfer inside it)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return torch.as_tensor(plan.timesteps, dtype=dtype).to(x.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling
+# The DDIM step
 
 
+def ddim_sigma(a_t: float, b_t: float, a_prev: float, b_prev: float, eta: float) -> float:
+    """sigma_t(eta) of eq. 16 through (a, b): ``eta * b_prev * sqrt(1 - (a_t b_prev / (b_t a_prev))^2)``."""
+    if eta == 0 or b_prev == 0:
+        return 0.0
+    ratio = (a_t * b_prev) / (b_t * a_prev)  # = exp(lambda_t - lambda_prev) <= 1 when moving towards data
+    return eta * b_prev * math.sqrt(max(0.0, 1.0 - ratio * ratio))
+
+
+def ddim_step(pred_x0: Tensor, pred_eps: Tensor, a_prev, b_prev, sigma_t: float = 0.0, z: Tensor | None = None) -> Tensor:
+    """Eq. 12: the sample at level (a_prev, b_prev) given (x0_hat, eps_hat) at the current level.
+
+    ``z`` is the fresh noise, used when ``sigma_t > 0``. Inversion re-noises with the same function.
+    """
+    # 1. "predicted x_0" term: sqrt(alpha_{t-1}) * x0_hat
+    prev_sample = a_prev * pred_x0
+    # 2. "direction pointing to x_t": sqrt(1 - alpha_{t-1} - sigma_t^2) * eps_hat
+    if sigma_t == 0:
+        prev_sample = prev_sample + b_prev * pred_eps  # b_prev >= 0: the same as the square root below
+    else:
+        prev_sample = prev_sample + math.sqrt(max(b_prev * b_prev - sigma_t * sigma_t, 0.0)) * pred_eps
+        # 3. random noise: sigma_t * z
+        prev_sample = prev_sample + sigma_t * z
+    return prev_sample
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samplers
+
+
+@sampling_function
 def sample_ddim(
     denoise: Denoise,
     x: Tensor,
@@ -89,7 +143,7 @@ def sample_ddim(
     generators: Sequence[torch.Generator] | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
-    """Run the DDIM sampler from x (B, C, H, W) at level 0 of ``plan`` to the clean end; returns x0 (B, C, H, W).
+    """Run the DDIM sampler from x (B, ...) at level 0 of ``plan`` to the clean end; returns x0 (B, ...).
 
     ``eta = 0`` is deterministic (the probability-flow ODE, first order); ``eta = 1`` is DDPM ancestral sampling.
     With ``eta > 0`` the step noise for sample i is drawn from ``generators[i]``.
@@ -98,55 +152,72 @@ def sample_ddim(
         raise ValueError(f"eta must be >= 0, got {eta}")
     if eta > 0 and (generators is None or len(generators) != x.shape[0]):
         raise ValueError("eta > 0 needs one generator per sample")
-    ts = _model_times(plan, x)
-    B = x.shape[0]
-    for k in range(len(plan)):
-        a, b, a_to, b_to = plan.a[k], plan.b[k], plan.a[k + 1], plan.b[k + 1]
-        x0, eps = denoise(x, ts[k].expand(B), a, b)
-        sigma = ddim_sigma(a, b, a_to, b_to, eta)
-        z = randn(generators, x.shape[1:], x.dtype, x.device) if sigma > 0 else None
-        x = ddim_step(x0, eps, a_to, b_to, sigma, z)
+    ts = model_times(plan, x)
+    B, S = x.shape[0], len(plan)
+    for k in range(S):
+        a_t, b_t, a_prev, b_prev = plan.a[k], plan.b[k], plan.a[k + 1], plan.b[k + 1]
+        pred_x0, pred_eps = denoise(x, ts[k].expand(B), a_t, b_t)
+        sigma_t = ddim_sigma(a_t, b_t, a_prev, b_prev, eta)
+        z = randn(generators, x.shape[1:], x.dtype, x.device) if sigma_t > 0 else None
+        x = ddim_step(pred_x0, pred_eps, a_prev, b_prev, sigma_t, z)
         if callback is not None:
-            callback({"step": k + 1, "total": len(plan), "x": x, "x0": x0})
+            callback({"step": k + 1, "total": S, "x": x, "x0": pred_x0})
     return x
 
 
-def sample_dpmpp_2m(
-    denoise: Denoise, x: Tensor, plan: SamplingPlan, callback: Callback | None = None
-) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Alg. 2): second-order multistep in the data
-    prediction, with lambda = log(a / b) and h = lambda_to - lambda::
+def dpmpp_2m_update(x: Tensor, x0: Tensor, x0_prev: Tensor | None, a, b, a_to, b_to, h_prev) -> tuple[Tensor, Any]:
+    """One DPM-Solver++(2M) step from level (a, b) to (a_to, b_to); returns (x_to, h).
 
-        x_to = (b_to / b) x - a_to (exp(-h) - 1) D,   D = (1 + 1/(2r)) x0_k - 1/(2r) x0_{k-1},  r = h_{k-1} / h
+    ``x0_prev`` and ``h_prev``: the previous step's data prediction and log-SNR step (None / inf for a first-order
+    step). With lambda = log(a / b) and h = lambda_to - lambda (Lu et al. 2022, arXiv 2211.01095, Alg. 2)::
 
-    First order (D = x0_k, which is exactly the DDIM step) on the first step and on the last step into the
-    clean end (``lower_order_final``), where the extrapolation is worst.
+        x_to = (b_to / b) x - a_to (exp(-h) - 1) D,   D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev,  r = h_prev / h
+
+    D = x0 (first order) is exactly the DDIM step. Into the clean end (b_to = 0, h = inf) it lands on a_to x0.
     """
-    ts = _model_times(plan, x)
+    if b_to == 0:
+        return a_to * x0, math.inf
+    h = lam(a_to, b_to) - lam(a, b)
+    D = x0
+    if x0_prev is not None and _isfinite(h_prev):
+        r = h_prev / h
+        D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+    return (b_to / b) * x - a_to * _expm1(-h) * D, h
+
+
+@sampling_function
+def sample_dpmpp_2m(denoise: Denoise, x: Tensor, plan: SamplingPlan, callback: Callback | None = None) -> Tensor:
+    """DPM-Solver++(2M): second-order multistep in the data prediction (:func:`dpmpp_2m_update`).
+
+    First order on the first step and on the last step into the clean end (``lower_order_final``), where the
+    extrapolation is worst.
+    """
+    ts = model_times(plan, x)
     B, S = x.shape[0], len(plan)
     x0_prev, h_prev = None, math.inf
     for k in range(S):
         a, b, a_to, b_to = plan.a[k], plan.b[k], plan.a[k + 1], plan.b[k + 1]
         x0, _ = denoise(x, ts[k].expand(B), a, b)
-        if b_to == 0:
-            x = a_to * x0  # lambda_to = inf: the step lands on the prediction itself
-            h = math.inf
-        else:
-            h = _lam(a_to, b_to) - _lam(a, b)
-            D = x0
-            if x0_prev is not None and k < S - 1 and math.isfinite(h_prev):
-                r = h_prev / h
-                D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (b_to / b) * x - a_to * math.expm1(-h) * D
+        last = k == S - 1
+        x, h = dpmpp_2m_update(x, x0, None if last else x0_prev, a, b, a_to, b_to, h_prev)
         x0_prev, h_prev = x0, h
         if callback is not None:
             callback({"step": k + 1, "total": S, "x": x, "x0": x0})
     return x
 
 
-def _lam(a: float, b: float) -> float:
-    """log(a / b), -inf at pure noise (a = 0)."""
-    return -math.inf if a == 0 else math.log(a) - math.log(b)
+def _sample_dpmpp_2m(denoise, x, plan, eta, generators, callback):
+    if eta != 0:
+        raise ValueError("the dpm++2m sampler is deterministic: use eta 0 (or the ddim sampler for eta > 0)")
+    return sample_dpmpp_2m(denoise, x, plan, callback)
+
+
+#: name -> f(denoise, x, plan, eta, generators, callback); every sampler reachable by name (``--sampler``).
+SAMPLE_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
+    "ddim": sample_ddim,
+    "dpm++2m": _sample_dpmpp_2m,
+}
+SAMPLERS = tuple(SAMPLE_FUNCTIONS)
 
 
 def sample(
@@ -158,124 +229,10 @@ def sample(
     generators: Sequence[torch.Generator] | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
-    """Dispatch to :func:`sample_ddim` or :func:`sample_dpmpp_2m` (which is deterministic: eta must be 0)."""
-    if sampler == "ddim":
-        return sample_ddim(denoise, x, plan, eta, generators, callback)
-    if sampler == "dpm++2m":
-        if eta != 0:
-            raise ValueError("the dpm++2m sampler is deterministic: use eta 0 (or the ddim sampler for eta > 0)")
-        return sample_dpmpp_2m(denoise, x, plan, callback)
-    raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Inversion
-
-
-@dataclass
-class InversionStats:
-    """What an inversion cost and reached. ``residuals[k]``: RMS of (forward step - known point) after solving
-    the k-th inverse step (from the clean end); for plain DDIM inversion it is the unsolved first guess."""
-
-    model_calls: int = 0
-    residuals: list[float] = field(default_factory=list)
-    iterations: list[int] = field(default_factory=list)
-
-    @property
-    def max_residual(self) -> float:
-        return max(self.residuals, default=0.0)
-
-
-def invert_ddim(
-    denoise: Denoise,
-    x0: Tensor,
-    plan: SamplingPlan,
-    callback: Callback | None = None,
-    exact: bool = False,
-    tol: float = 1e-6,
-    max_iter: int = 50,
-    stats: InversionStats | None = None,
-) -> Tensor:
-    """DDIM inversion: walk ``plan`` backwards from data x0 (B, C, H, W) to x_T with eta = 0; returns x_T.
-
-    Each inverse step, from level j+1 to the noisier level j, first takes the plain DDIM inverse: the model is
-    evaluated at the point it has (x_{j+1}, with the target's time) and the same :func:`ddim_step` re-noises its
-    (x0_hat, eps_hat) to level j. That is exact only when x0_hat does not change along the way.
-
-    With ``exact=True`` each inverse step is then solved implicitly: find x_j such that the forward DDIM step from
-    x_j lands on x_{j+1}, by the fixed-point iteration ``x_j += (x_{j+1} - step(x_j)) / c`` where c is the step's
-    coefficient on x_j with the model output held (a Newton step with a frozen model). It stops when the RMS
-    residual is below ``tol`` or stops shrinking, or after ``max_iter`` iterations; ``stats`` records residuals and
-    model calls.
-    """
-    stats = stats if stats is not None else InversionStats()
-    ts = _model_times(plan, x0)
-    B, S = x0.shape[0], len(plan)
-    x = x0
-    for n, j in enumerate(range(S - 1, -1, -1)):
-        a_from, b_from, a, b = plan.a[j + 1], plan.b[j + 1], plan.a[j], plan.b[j]
-        t = ts[j].expand(B)
-        x0_hat, eps_hat = denoise(x, t, a_from, b_from)
-        stats.model_calls += 1
-        x_new = ddim_step(x0_hat, eps_hat, a, b)
-        if exact:
-            x_new, res, iters = _solve_inverse_step(denoise, x, x_new, t, (a, b), (a_from, b_from), tol, max_iter)
-            stats.model_calls += iters
-        else:
-            res, iters = math.nan, 0
-        stats.residuals.append(res)
-        stats.iterations.append(iters)
-        x = x_new
-        if callback is not None:
-            callback({"step": n + 1, "total": S, "x": x, "x0": x0_hat})
-    return x
-
-
-def _solve_inverse_step(denoise, target, guess, t, ab, ab_to, tol, max_iter, memory: int = 4):
-    """Solve step(x) = target for x at level ``ab``, each sample on its own; returns (x, max RMS residual, calls).
-
-    The plain update ``g(x) = x + (target - step(x)) / c`` (a Newton step with the model output frozen) is
-    accelerated with Anderson mixing over the last ``memory`` iterates (Walker & Ni 2011), which converges where
-    the plain iteration stalls at large steps. Every sample keeps its own history, residual and stopping point,
-    so the result for one image does not depend on the others in its batch.
-    """
-    (a, b), (a_to, b_to) = ab, ab_to
-    coeff = denoise.x_coefficient(a, b, a_to, b_to) if hasattr(denoise, "x_coefficient") else a_to / a
-    B = target.shape[0]
-    x = guess
-    best_x, best_res = guess, torch.full((B,), math.inf, dtype=torch.float64, device=guess.device)
-    active = torch.ones(B, dtype=torch.bool, device=guess.device)
-    gs, fs = [], []  # histories of g(x_k) and f_k = g(x_k) - x_k, flattened (B, D) float64
-    calls = 0
-    for _ in range(max_iter):
-        x0_hat, eps_hat = denoise(x, t, a, b)
-        calls += 1
-        r = target - ddim_step(x0_hat, eps_hat, a_to, b_to)
-        res = r.flatten(1).double().pow(2).mean(1).sqrt()  # (B,) RMS residual per sample
-        better = res < best_res
-        best_x = torch.where(better.view(-1, *[1] * (x.ndim - 1)), x, best_x)
-        best_res = torch.where(better, res, best_res)
-        active &= (res > tol) & torch.isfinite(res) & (res < 1e3 * best_res.clamp(min=tol))
-        if not bool(active.any()):  # one sync per iteration: the solve needs to know when to stop
-            break
-        f = (r / coeff).flatten(1).double()  # (B, D)
-        g = x.flatten(1).double() + f
-        gs.append(g)
-        fs.append(f)
-        if len(fs) > memory + 1:
-            gs.pop(0)
-            fs.pop(0)
-        if len(fs) > 1:
-            dF = torch.stack([fs[i + 1] - fs[i] for i in range(len(fs) - 1)], dim=2)  # (B, D, m)
-            dG = torch.stack([gs[i + 1] - gs[i] for i in range(len(gs) - 1)], dim=2)
-            gram = dF.transpose(1, 2) @ dF  # (B, m, m)
-            ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(1).clamp(min=1e-300).view(-1, 1, 1)
-            eye = torch.eye(gram.shape[1], dtype=gram.dtype, device=gram.device)
-            gamma = torch.linalg.solve(gram + ridge * eye, dF.transpose(1, 2) @ f.unsqueeze(2))  # (B, m, 1)
-            g = g - (dG @ gamma).squeeze(2)
-        x_new = g.to(x.dtype).view_as(x)
-        x = torch.where(active.view(-1, *[1] * (x.ndim - 1)), x_new, x)
-    return best_x, float(best_res.max()), calls
+    """Run the sampler named ``sampler`` (see :data:`SAMPLE_FUNCTIONS`); only ``ddim`` takes eta > 0."""
+    if sampler not in SAMPLE_FUNCTIONS:
+        raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
+    return SAMPLE_FUNCTIONS[sampler](denoise, x, plan, eta, generators, callback)
 
 
 # ----------------------------------------------------------------------------------------------------------------

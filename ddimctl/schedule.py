@@ -191,10 +191,6 @@ class SamplingPlan:
     def __len__(self) -> int:
         return len(self.timesteps)
 
-    def reversed_levels(self) -> list[int]:
-        """Level indices from the clean end back to the noisiest, for inversion."""
-        return list(range(len(self), -1, -1))
-
 
 def make_plan(schedule: Schedule, steps: int, spacing: str = "leading", steps_offset: int = 0) -> SamplingPlan:
     """Choose ``steps`` timesteps with ``spacing`` and attach their noise levels.

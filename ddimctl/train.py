@@ -5,13 +5,16 @@ A run directory holds::
     OUT/checkpoint/        the EMA weights in the checkpoint format (load with --model OUT/checkpoint, or diffusers)
     OUT/state.safetensors  model, EMA and optimizer tensors      } written atomically, together with the
     OUT/state.json         step, config, optimizer hyperparameters } checkpoint, every --save-every steps
-    OUT/metrics.jsonl      step, loss, lr, elapsed seconds
+    OUT/metrics.jsonl      one row per step: step, loss, lr, elapsed seconds (appended every --log-every steps)
     OUT/samples/           preview grids (--sample-every)
 
 Resume is exact: every random draw of step k (the batch's noise, timesteps and flips) comes from a generator
 seeded by (seed, k, rank), and the data order of epoch e from one seeded by (seed, e). So model, EMA, optimizer
 and step are all the state there is; a run stopped at step k and resumed ends bit-identical (on CPU) to one that
 never stopped. Under ``torchrun`` the data is sharded by rank and rank 0 alone writes.
+
+The loop never waits on the device inside a step: the losses stay on it and are read back, checked for NaN and
+appended to ``metrics.jsonl`` (opened once) every ``log_every`` steps and at every save.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .errors import DdimctlError, InputError, OutputError
+from .errors import InputError, NumericsError, OutputExistsError, SettingError
 from .prediction import PREDICTION_TYPES, from_x0_eps
 from .settings import SamplerSettings
 
@@ -63,26 +65,29 @@ class TrainConfig:
     hflip: bool = False
     save_every: int = 1000
     sample_every: int = 0
+    log_every: int = 10
     mixed_precision: str = "no"
     lr_schedule: str = "constant"
     init: str | None = None
 
     def validate(self) -> None:
+        """Refuse settings no run could use (one :class:`SettingError` naming the field)."""
         if self.objective not in PREDICTION_TYPES:
-            raise DdimctlError(f"--objective {self.objective}: expected one of {', '.join(PREDICTION_TYPES)}")
+            raise SettingError(("objective", self.objective), f"expected one of {', '.join(PREDICTION_TYPES)}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise DdimctlError(f"--mixed-precision {self.mixed_precision}: expected no, bf16 or fp16")
+            raise SettingError(("mixed_precision", self.mixed_precision), "expected no, bf16 or fp16")
         n_levels = len(self.channel_mult)
         if self.image_size % (2 ** (n_levels - 1)):
-            raise DdimctlError(f"--image-size {self.image_size}: must be divisible by {2 ** (n_levels - 1)} "
-                               f"for {n_levels} resolution levels")
-        for name in ("train_steps", "batch_size", "base_channels", "layers_per_block", "image_size", "channels"):
+            raise SettingError(("image_size", self.image_size),
+                               f"must be divisible by {2 ** (n_levels - 1)} for {n_levels} resolution levels")
+        for name in ("train_steps", "batch_size", "base_channels", "layers_per_block", "image_size", "channels",
+                     "log_every"):
             if getattr(self, name) < 1:
-                raise DdimctlError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+                raise SettingError((name, getattr(self, name)), "must be at least 1")
         if not 0 <= self.ema_decay < 1:
-            raise DdimctlError(f"--ema-decay {self.ema_decay}: must be in [0, 1)")
+            raise SettingError(("ema_decay", self.ema_decay), "must be in [0, 1)")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise DdimctlError(f"--lr-schedule {self.lr_schedule}: expected one of {', '.join(LR_SCHEDULES)}")
+            raise SettingError(("lr_schedule", self.lr_schedule), f"expected one of {', '.join(LR_SCHEDULES)}")
 
     def unet_config(self) -> dict[str, Any]:
         """The diffusers UNet2DModel config these size options describe."""
@@ -119,10 +124,6 @@ class TrainState:
     step: int = 0
 
 
-def _rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to ``lr`` over ``warmup_steps``, then constant, or (``cosine``) a half cosine that reaches 0
     at ``train_steps``."""
@@ -143,11 +144,11 @@ def init_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
     want, have = normalize_config(cfg.unet_config()), ck.model.config
     differs = [f"{k} {have.get(k)!r}, options give {v!r}" for k, v in want.items() if have.get(k) != v]
     if differs:
-        raise DdimctlError(f"--init {cfg.init}: its UNet differs from the size options ({'; '.join(differs)})")
+        raise SettingError(("init", cfg.init), f"its UNet differs from the size options ({'; '.join(differs)})")
     mine = cfg.settings()
     if (ck.settings.kind, ck.settings.prediction_type) != (mine.kind, mine.prediction_type):
-        raise DdimctlError(f"--init {cfg.init}: it predicts {ck.settings.prediction_type}, "
-                           f"but --objective is {cfg.objective}")
+        raise SettingError([("init", cfg.init), ("objective", cfg.objective)],
+                           f"the checkpoint predicts {ck.settings.prediction_type}")
     model.load_state_dict(ck.model.state_dict())
 
 
@@ -168,8 +169,12 @@ def batch_indices(step: int, n: int, cfg: TrainConfig, rank: int, world: int) ->
     return torch.tensor(out[rank * cfg.batch_size : (rank + 1) * cfg.batch_size])
 
 
-def training_example(x0: Tensor, step: int, cfg: TrainConfig, settings: SamplerSettings, rank: int):
-    """Noised inputs, model times and targets for one batch x0 (B, C, H, W); randomness from (seed, step, rank)."""
+def training_example(x0: Tensor, step: int, cfg: TrainConfig, settings: SamplerSettings, rank: int,
+                     alphas_cumprod: Tensor | None = None):
+    """Noised inputs, model times and targets for one batch x0 (B, C, H, W); randomness from (seed, step, rank).
+
+    ``alphas_cumprod``: the VP schedule's table (float64, (T,)), computed once by the caller; built here if None.
+    """
     g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)
     B = x0.shape[0]
     if cfg.hflip:
@@ -183,7 +188,8 @@ def training_example(x0: Tensor, step: int, cfg: TrainConfig, settings: SamplerS
         t_model = sigma * T
     else:
         t = torch.randint(0, T, (B,), generator=g)
-        abar = torch.as_tensor(settings.schedule().alphas_cumprod)[t]
+        table = alphas_cumprod if alphas_cumprod is not None else torch.as_tensor(settings.schedule().alphas_cumprod)
+        abar = table[t]
         a, b = abar.sqrt(), (1 - abar).sqrt()
         t_model = t.double()
     a, b = a.float().view(-1, 1, 1, 1), b.float().view(-1, 1, 1, 1)
@@ -195,10 +201,8 @@ def training_example(x0: Tensor, step: int, cfg: TrainConfig, settings: SamplerS
 def _save_state(out: Path, state: TrainState, cfg: TrainConfig, elapsed: float = 0.0,
                 scaler: "torch.amp.GradScaler | None" = None) -> None:
     """Write the checkpoint and the training state; each file atomically."""
-    from safetensors.torch import save
-
     from .checkpoint import save as save_checkpoint
-    from .fsutil import write_bytes_atomic
+    from .fsutil import save_safetensors_atomic, write_bytes_atomic
 
     unwrapped = getattr(state.model, "module", state.model)
     meta = {"objective": cfg.objective, "train_step": state.step, "data": cfg.data, "data_range": [-1, 1]}
@@ -211,7 +215,7 @@ def _save_state(out: Path, state: TrainState, cfg: TrainConfig, elapsed: float =
     for idx, s in opt["state"].items():
         for name, v in s.items():
             tensors[f"opt.{idx}.{name}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    write_bytes_atomic(out / STATE_TENSORS, save(tensors))
+    save_safetensors_atomic(out / STATE_TENSORS, tensors)
     doc = {"step": state.step, "elapsed": elapsed, "config": dataclasses.asdict(cfg),
            "param_groups": opt["param_groups"]}
     if scaler is not None:
@@ -233,11 +237,11 @@ def _load_state(out: Path, state: TrainState, cfg: TrainConfig,
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"{out}: unreadable training state ({str(e).splitlines()[0]})") from None
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in doc["config"].items()}
-    free = ("save_every", "sample_every") + (("train_steps",) if cfg.lr_schedule == "constant" else ())
+    free = ("save_every", "sample_every", "log_every") + (("train_steps",) if cfg.lr_schedule == "constant" else ())
     differs = [k for k, v in dataclasses.asdict(cfg).items()
                if k not in free and saved.get(k) != (tuple(v) if isinstance(v, list) else v)]
     if differs:
-        raise DdimctlError(f"--resume {out}: options differ from the saved run ({', '.join(differs)})")
+        raise SettingError(("resume", out), f"options differ from the saved run ({', '.join(differs)})")
     unwrapped = getattr(state.model, "module", state.model)
     unwrapped.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -290,18 +294,19 @@ def train(
     """Run (or resume) training to ``cfg.train_steps``; returns the final state. ``data``: (N, C, H, W) in [-1, 1]."""
     import torch.distributed as dist
 
+    from .devices import rank_world
     from .fsutil import check_writable_dir
     from .images import save_png
     from .unet import UNet2DModel
 
     cfg.validate()
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.mixed_precision != "no" and device.type != "cuda":
-        raise DdimctlError(f"--mixed-precision {cfg.mixed_precision}: needs a CUDA GPU (this run is on {device.type})")
+        raise SettingError(("mixed_precision", cfg.mixed_precision), f"needs a CUDA GPU (this run is on {device.type})")
     if rank == 0 and out.exists() and any(out.iterdir()) and not resume and not overwrite:
-        raise OutputError(f"{out}: already exists (use --resume to continue it or --overwrite to start again)")
+        raise OutputExistsError(out, [("resume", "continue it"), ("overwrite", "start again")])
     settings = cfg.settings()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = UNet2DModel.from_config(cfg.unet_config())
@@ -315,70 +320,104 @@ def train(
     state = TrainState(model, ema, optimizer)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
-    metrics = out / "metrics.jsonl"
     elapsed0 = 0.0
     if resume:
         elapsed0 = _load_state(out, state, cfg, scaler)
         if rank == 0:
-            _trim_metrics(metrics, state.step)
+            _trim_metrics(out / "metrics.jsonl", state.step)
     elif rank == 0:
-        metrics.unlink(missing_ok=True)  # --overwrite starts the log again
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # --overwrite starts the log again
     if world > 1:
         state.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     n = len(data)
     if n < cfg.batch_size * world:
         raise InputError(f"{cfg.data}: {n} images, fewer than one batch of {cfg.batch_size * world}")
+    alphas_cumprod = None if settings.kind == "flow" else torch.as_tensor(settings.schedule().alphas_cumprod)
     t_start = time.perf_counter() - elapsed0  # elapsed seconds continue across resumes
-    while state.step < cfg.train_steps:
-        step = state.step
-        idx = batch_indices(step, n, cfg, rank, world)
-        x_t, t, target = training_example(data[idx], step, cfg, settings, rank)
-        x_t, t, target = x_t.to(device), t.to(device), target.to(device)
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = torch.nn.functional.mse_loss(state.model(x_t, t).float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        with torch.no_grad():
-            decay = ema_decay_at(step, cfg)
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
-        state.step = step + 1
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise DdimctlError(f"step {state.step}: the loss is {loss_value}; lower --lr or check the data")
-        info = {"step": state.step, "loss": loss_value, "lr": lr, "elapsed": time.perf_counter() - t_start}
-        if rank == 0:
-            with open(metrics, "a") as f:
-                f.write(json.dumps(info) + "\n")
-            if cfg.sample_every and state.step % cfg.sample_every == 0:
-                (out / "samples").mkdir(exist_ok=True)
-                save_png(preview(ema, cfg), out / "samples" / f"step_{state.step:07d}.png")
-            if state.step % cfg.save_every == 0 or state.step == cfg.train_steps:
-                _save_state(out, state, cfg, time.perf_counter() - t_start, scaler)
-        if on_step is not None:
-            on_step(info)
+    log = _MetricsLog(out / "metrics.jsonl" if rank == 0 else None)
+    try:
+        while state.step < cfg.train_steps:
+            step = state.step
+            idx = batch_indices(step, n, cfg, rank, world)
+            x_t, t, target = training_example(data[idx], step, cfg, settings, rank, alphas_cumprod)
+            x_t, t, target = x_t.to(device), t.to(device), target.to(device)
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = torch.nn.functional.mse_loss(state.model(x_t, t).float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            with torch.no_grad():
+                decay = ema_decay_at(step, cfg)
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm, 1 - decay)
+            state.step = step + 1
+            log.add(state.step, loss.detach(), lr, time.perf_counter() - t_start)
+            saving = state.step % cfg.save_every == 0 or state.step == cfg.train_steps
+            if state.step % cfg.log_every == 0 or saving:
+                log.flush()  # the one read-back from the device: every log_every steps, and before saving
+            if rank == 0:
+                if cfg.sample_every and state.step % cfg.sample_every == 0:
+                    (out / "samples").mkdir(exist_ok=True)
+                    save_png(preview(ema, cfg), out / "samples" / f"step_{state.step:07d}.png")
+                if saving:
+                    _save_state(out, state, cfg, time.perf_counter() - t_start, scaler)
+            if on_step is not None:
+                on_step({"step": state.step, "loss": log.last_loss, "lr": lr, "elapsed": time.perf_counter() - t_start})
+    finally:
+        log.close()
     if world > 1:
         dist.barrier()
     return state
 
 
-def parse_ints(text: str, option: str) -> tuple[int, ...]:
-    """'1,2,2' -> (1, 2, 2); '' -> ()."""
+class _MetricsLog:
+    """Per-step losses kept on the device until :meth:`flush` reads them back in one go, checks them, and appends
+    one JSON row per step to ``path`` (opened once; None on ranks that do not write)."""
+
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a") if path is not None else None
+        self.pending: list[tuple[int, Tensor, float, float]] = []
+        self.last_loss = math.nan
+
+    def add(self, step: int, loss: Tensor, lr: float, elapsed: float) -> None:
+        self.pending.append((step, loss, lr, elapsed))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        losses = torch.stack([p[1] for p in self.pending]).tolist()  # (n,) floats: one device sync
+        rows = [{"step": s, "loss": v, "lr": lr, "elapsed": el} for (s, _, lr, el), v in zip(self.pending, losses)]
+        self.pending = []
+        for row in rows:
+            if not math.isfinite(row["loss"]):
+                raise NumericsError(f"step {row['step']}: the loss is {row['loss']}; lower the learning rate or "
+                                    "check the data")
+        self.last_loss = rows[-1]["loss"]
+        if self.file is not None:
+            self.file.write("".join(json.dumps(row) + "\n" for row in rows))
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def parse_ints(text: str, field: str) -> tuple[int, ...]:
+    """'1,2,2' -> (1, 2, 2); '' -> (). ``field`` names the setting in the error."""
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise DdimctlError(f"{option} {text!r}: expected comma-separated integers, e.g. 1,2,2") from None
+        raise SettingError((field, repr(text)), "expected comma-separated integers, e.g. 1,2,2") from None

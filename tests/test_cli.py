@@ -282,9 +282,9 @@ def test_channels_last_and_bfloat16_agree_with_float32(tiny_rgb, tmp_path):
 
 
 def test_json_documents_are_strict_json():
-    from ddimctl.cli import _json_safe
+    from ddimctl.cli.output import json_safe
 
-    doc = _json_safe({"psnr": float("inf"), "mse": [0.5, float("nan")], "n": 3})
+    doc = json_safe({"psnr": float("inf"), "mse": [0.5, float("nan")], "n": 3})
     assert json.loads(json.dumps(doc, allow_nan=False)) == {"psnr": None, "mse": [0.5, None], "n": 3}
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddimctl.perf import CompiledWithFallback, cuda_sync_check, prepare_model, record_host_reads
+from ddimctl.perf import CompiledWithFallback, prepare_model
 from ddimctl.pipeline import Engine, SamplingOptions
 from ddimctl.sampler import make_generators, sample_ddim, sample_dpmpp_2m
 from ddimctl.settings import SamplerSettings
 from ddimctl.unet import UNet2DModel
+
+from hostreads import cuda_sync_check, record_host_reads
 
 TINY_RGB = {
     "sample_size": 8, "in_channels": 3, "out_channels": 3, "block_out_channels": [8, 16],

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from ddimctl.prediction import Denoiser, Thresholding, from_x0_eps, threshold, to_x0_eps
+from ddimctl.inversion import InversionStats, invert_ddim
 from ddimctl.sampler import (
-    InversionStats,
     ddim_sigma,
     ddim_step,
-    invert_ddim,
     make_generators,
     randn,
     sample,

@@ -147,7 +147,8 @@ def test_init_starts_from_a_checkpoint_and_checks_it_fits(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
     r = train("digits", "--out", tmp_path / "f", "--train-steps", 2, "--init", tmp_path / "a" / "checkpoint",
               *TINY, "--objective", "flow")
-    assert r.exit_code == 1 and "--objective is flow" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.exit_code == 1 and "--objective flow: the checkpoint predicts epsilon" in r.stderr
+    assert "--init" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_ddp_with_two_cpu_processes(tmp_path):
@@ -162,3 +163,22 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     from ddimctl.checkpoint import load
 
     load(str(tmp_path / "run" / "checkpoint"))  # a complete, loadable checkpoint
+
+
+def test_a_nan_loss_stops_the_run_before_anything_is_saved(tmp_path):
+    """Losses are read back every --log-every steps, not every step; a NaN must still stop the run, name its step,
+    and leave no checkpoint (the read-back happens before every save)."""
+    from ddimctl.errors import NumericsError
+    from ddimctl.train import TrainConfig, train as run
+
+    data = torch.zeros(16, 1, 8, 8)
+    data[:, :, 0, 0] = float("nan")
+    cfg = TrainConfig(data="nan", image_size=8, base_channels=8, channel_mult=(1, 2), attention_resolutions=(4,),
+                      norm_num_groups=4, batch_size=8, train_steps=6, save_every=3, log_every=5)
+    with pytest.raises(NumericsError, match="step 1: the loss is nan"):
+        run(cfg, tmp_path / "run", torch.device("cpu"), data=data)
+    assert not (tmp_path / "run" / "checkpoint").exists() and not (tmp_path / "run" / "state.json").exists()
+    # with finite data the same run logs every step and saves
+    state = run(cfg, tmp_path / "ok", torch.device("cpu"), data=torch.zeros(16, 1, 8, 8))
+    rows = [json.loads(l)["step"] for l in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
+    assert state.step == 6 and rows == list(range(1, 7)) and (tmp_path / "ok" / "checkpoint").is_dir()

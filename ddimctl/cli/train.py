@@ -1,20 +1,22 @@
-"""``ddimctl train``: the command-line skin over :mod:`ddimctl.train` (kept apart from cli.py for its many options)."""
+"""``ddimctl train``: the command-line skin over :mod:`ddimctl.train`."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from .app import command
 from .options import BatchSizeOpt, DeviceOpt, OverwriteOpt, QuietOpt, SeedOpt
+from .output import Progress
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
 
+@command
 def train(
     data: Annotated[str, typer.Argument(help="A folder of images (recursive), or a built-in dataset: mnist, digits.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (checkpoint/, state, metrics.jsonl, samples/).")],
@@ -38,6 +40,7 @@ def train(
     seed: SeedOpt = 0,
     hflip: Annotated[bool, typer.Option("--hflip", help="Random horizontal flips (not for digits).")] = False,
     save_every: Annotated[int, typer.Option("--save-every", min=1, help="Checkpoint and state every N steps.")] = 1000,
+    log_every: Annotated[int, typer.Option("--log-every", min=1, help="Read the losses back from the device and append them to metrics.jsonl every N steps (one row per step; also at every save).")] = 10,
     sample_every: Annotated[int, typer.Option("--sample-every", min=0, help="Preview grid every N steps (0: never).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
     device: DeviceOpt = "auto",
@@ -49,7 +52,7 @@ def train(
     """Train a model on a folder of images or a built-in dataset (mnist, digits)."""
     import torch
 
-    from .train import TrainConfig, parse_ints
+    from ..train import TrainConfig, parse_ints
 
     threads_before = torch.get_num_threads()
     if threads:
@@ -57,12 +60,13 @@ def train(
     try:
         _train(data, out, device, resume, overwrite, quiet, TrainConfig(
             data=data, image_size=image_size, channels=channels, base_channels=base_channels,
-            channel_mult=parse_ints(channel_mult, "--channel-mult"),
+            channel_mult=parse_ints(channel_mult, "channel_mult"),
             layers_per_block=layers_per_block,
-            attention_resolutions=parse_ints(attention_resolutions, "--attention-resolutions"),
+            attention_resolutions=parse_ints(attention_resolutions, "attention_resolutions"),
             norm_num_groups=norm_num_groups, objective=objective, beta_schedule=beta_schedule, train_steps=train_steps,
             batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, ema_decay=ema_decay, grad_clip=grad_clip,
-            seed=seed, hflip=hflip, save_every=save_every, sample_every=sample_every, mixed_precision=mixed_precision,
+            seed=seed, hflip=hflip, save_every=save_every, sample_every=sample_every, log_every=log_every,
+            mixed_precision=mixed_precision,
             lr_schedule=lr_schedule, init=init,
         ))
     finally:
@@ -71,9 +75,9 @@ def train(
 
 def _train(data: str, out: Path, device: str, resume: bool, overwrite: bool, quiet: bool, cfg: "TrainConfig") -> None:
     """Load the data, run :func:`ddimctl.train.train` with a progress bar, report the checkpoint."""
-    from .data import load_dataset
-    from .devices import resolve_device
-    from .train import train as run
+    from ..data import load_dataset
+    from ..devices import rank_world, resolve_device
+    from ..train import train as run
 
     cfg.validate()
     dev = resolve_device(device)
@@ -82,39 +86,14 @@ def _train(data: str, out: Path, device: str, resume: bool, overwrite: bool, qui
         images = images[:, : cfg.channels]
     say = (lambda m: None) if quiet else (lambda m: sys.stderr.write(m + "\n"))
     say(f"training on {len(images)} images ({described}){f', {skipped} unreadable files skipped' if skipped else ''}")
-    rank = int(os.environ.get("RANK", "0"))
-    show_bar = rank == 0 and not quiet and sys.stderr.isatty()
-    with _progress(show_bar, cfg.train_steps) as update:
-        state = run(cfg, out, dev, resume=resume, overwrite=overwrite, data=images, on_step=update)
+    rank = rank_world()[0]
+    bar = Progress("training", cfg.train_steps, enabled=rank == 0 and not quiet and sys.stderr.isatty(),
+                   columns="loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} it/s", loss=float("nan"), rate=0.0)
+    with bar:
+        def on_step(info):
+            bar.update(completed=info["step"], loss=info["loss"], rate=info["step"] / max(info["elapsed"], 1e-9))
+
+        state = run(cfg, out, dev, resume=resume, overwrite=overwrite, data=images, on_step=on_step)
     if rank == 0:
         sys.stdout.write(f"{out / 'checkpoint'}\n")
         say(f"step {state.step}: checkpoint {out / 'checkpoint'} (sample with: ddimctl sample --model {out / 'checkpoint'})")
-
-
-class _progress:
-    """A rich progress bar with loss and iterations/s on stderr (a no-op when off)."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda info: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} it/s"),
-                            TimeRemainingColumn(), console=Console(stderr=True))
-        self.bar.start()
-        task = self.bar.add_task("train", total=self.total, loss=float("nan"), rate=0.0)
-
-        def update(info):
-            rate = info["step"] / max(info["elapsed"], 1e-9)
-            self.bar.update(task, completed=info["step"], loss=info["loss"], rate=rate)
-
-        return update
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.stop()

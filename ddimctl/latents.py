@@ -1,0 +1,83 @@
+"""Latent files: x_T tensors with where they came from, as ``.safetensors``.
+
+A latent file holds one tensor named ``latents``, float32, shape (N, C, H, W) (``invert`` and ``sample
+--save-latents`` write one image per file, N = 1), and string metadata: ``ddimctl_version`` and what produced
+it — the model reference and revision, steps, spacing, sampler, inversion method, prediction type, and per
+image its seed or source file and original size. Non-string values are stored as JSON.
+
+    save_latents("cat.latent.safetensors", x_T, {"model": "mnist", "steps": 50, "source": "cat.png"})
+    x_T, meta = load_latents("cat.latent.safetensors")    # (1, C, H, W) float32, {"model": "mnist", ...}
+
+Writing is atomic (:mod:`ddimctl.fsutil`); reading checks the file, the tensor's name, rank and values, each
+problem a one-line :class:`~ddimctl.errors.InputError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .errors import InputError, first_line
+
+LATENTS_KEY = "latents"
+SUFFIX = ".latent.safetensors"
+
+
+def metadata_strings(values: Mapping[str, Any]) -> dict[str, str]:
+    """Metadata as safetensors stores it: strings as they are, anything else as JSON; the package version added."""
+    from . import __version__
+
+    out = {"ddimctl_version": __version__}
+    out.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()})
+    return out
+
+
+def save_latents(path: str | os.PathLike, latents: Tensor, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``latents`` ((C, H, W) or (N, C, H, W), any device) as float32 with ``metadata``, atomically."""
+    from .fsutil import save_safetensors_atomic
+
+    x = latents.detach().float().cpu()
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4:
+        raise ValueError(f"latents must be (C, H, W) or (N, C, H, W), got shape {tuple(latents.shape)}")
+    return save_safetensors_atomic(path, {LATENTS_KEY: x.contiguous()}, metadata_strings(metadata or {}))
+
+
+def load_latents(path: str | os.PathLike) -> tuple[Tensor, dict[str, str]]:
+    """The ``latents`` tensor of a latent file as float32 (N, C, H, W), and its metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            names = list(f.keys())
+            if LATENTS_KEY not in names:
+                raise InputError(f"{p}: no tensor named '{LATENTS_KEY}' (found: {', '.join(sorted(names)) or 'none'})")
+            x = f.get_tensor(LATENTS_KEY).float()
+            meta = dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{p}: is a directory, not a latent file") from None
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{p}: not a readable .safetensors file ({first_line(e)})") from None
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4:
+        raise InputError(f"{p}: '{LATENTS_KEY}' has shape {tuple(x.shape)}, expected (N, C, H, W)")
+    if not torch.isfinite(x).all():
+        raise InputError(f"{p}: '{LATENTS_KEY}' holds NaN or inf values")
+    return x, meta
+
+
+def check_shape(x: Tensor, shape: tuple[int, ...], path: str | os.PathLike) -> Tensor:
+    """``x`` (N, C, H, W) when its per-item shape is ``shape`` (what the model works on); else an InputError."""
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise InputError(f"{path}: latents of shape {tuple(x.shape[1:])}, the model needs {tuple(shape)}")
+    return x
