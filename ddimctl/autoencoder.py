@@ -608,6 +608,7 @@ class AutoencoderKL(_Autoencoder):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The diffusion model's latents (B, latent_channels, h, w) -> images (B, out_channels, h*f, w*f),
         roughly in [-1, 1], not clamped: ``decode_raw(unscale_latents(latents))``."""
+        self._check_latents(latents)
         return self.decode_raw(self.unscale_latents(latents))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -696,6 +697,7 @@ class VQModel(_Autoencoder):
         """The diffusion model's latents (B, vq_embed_dim, h, w) -> images (B, out_channels, h*f, w*f), roughly
         in [-1, 1], not clamped: ``decode_raw(unscale_latents(latents), force_not_quantize)``, what
         ``LDMPipeline`` does (it quantises: ``force_not_quantize=False``)."""
+        self._check_latents(latents)
         return self.decode_raw(self.unscale_latents(latents), force_not_quantize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
