@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
@@ -462,7 +461,7 @@ class VectorQuantizer(nn.Module):
 class _Autoencoder(nn.Module):
     """What both autoencoders share: construction from a config, shapes, and the scaled ``encode``/``decode``."""
 
-    _normalize = staticmethod(normalize_kl_config)
+    _normalize = staticmethod(normalize_kl_config)  # each subclass sets its own
 
     def __init__(self, config: Mapping[str, Any] | None = None, **kwargs: Any):
         super().__init__()
@@ -470,11 +469,11 @@ class _Autoencoder(nn.Module):
         if kwargs:
             merged = {**merged, **kwargs}
         self.config: dict[str, Any] = type(self)._normalize(merged)
+        # image side / latent side
         self.downscale_factor: int = 2 ** (len(self.config["block_out_channels"]) - 1)
-        """Image side / latent side (``2 ** (len(block_out_channels) - 1)``)."""
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], source: str = "config.json"):
+    def from_config(cls, config: Mapping[str, Any], source: str = "config.json") -> _Autoencoder:
         """Validate ``config`` (errors name ``source``) and build the model with freshly initialised weights."""
         return cls(cls._normalize(config, source))
 
@@ -519,6 +518,7 @@ class _Autoencoder(nn.Module):
         raise NotImplementedError
 
     def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the unscaled latent (see the subclasses)."""
         raise NotImplementedError
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
