@@ -35,7 +35,7 @@ cp "$T/rec-plain/heldout_2.compare.png" "$E/reconstruct_plain_10steps.png"
 ddimctl invert "$T/heldout_1.png" --steps 50 --out "$E/latents" --overwrite --quiet > /dev/null
 
 # Interpolation: between two seeds, and between two held-out digits (inverted first).
-ddimctl interpolate seed:3 seed:10 --frames 8 --steps 50 --out "$T/interp-seeds" --quiet > /dev/null
+ddimctl interpolate seed:3 seed:10 --frames 8 --steps 50 --boomerang --out "$T/interp-seeds" --quiet > /dev/null
 cp "$T/interp-seeds/strip.png" "$E/interpolate_seeds_strip.png"
 cp "$T/interp-seeds/interpolation.gif" "$E/interpolate_seeds.gif"
 ddimctl interpolate "$T/heldout_0.png" "$T/heldout_2.png" --frames 8 --steps 50 --out "$T/interp-digits" --quiet > /dev/null

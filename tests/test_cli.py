@@ -182,9 +182,15 @@ def test_interpolate_ends_are_the_seeds_samples(tiny, tmp_path):
     ok("sample", "-m", tiny, "--n", 1, "--steps", 4, "--seed", 9, "--out", tmp_path / "s9", "--no-clip-sample")
     assert (tmp_path / "i" / "frame_000.png").read_bytes() == (tmp_path / "s4" / "000000.png").read_bytes()
     assert (tmp_path / "i" / "frame_004.png").read_bytes() == (tmp_path / "s9" / "000000.png").read_bytes()
-    gif = Image.open(tmp_path / "i" / "interpolation.gif")
-    assert gif.n_frames >= 5
     assert png(tmp_path / "i" / "strip.png").shape[1] == 2 + 5 * (8 + 2)
+    # --frames N: N frames in the GIF (Pillow stores identical consecutive frames once, shown twice as long);
+    # --boomerang adds the way back, 2N - 2 frames
+    frames = [png(tmp_path / "i" / f"frame_{k:03d}.png") for k in range(5)]
+    distinct = lambda seq: 1 + sum(not np.array_equal(a, b) for a, b in zip(seq, seq[1:]))  # noqa: E731
+    assert distinct(frames) >= 3  # the ends differ: the GIF really has several frames to hold
+    assert Image.open(tmp_path / "i" / "interpolation.gif").n_frames == distinct(frames)
+    ok("interpolate", "seed:4", "seed:9", "-m", tiny, "--frames", 5, "--steps", 4, "--out", tmp_path / "b", "--boomerang")
+    assert Image.open(tmp_path / "b" / "interpolation.gif").n_frames == distinct(frames + frames[-2:0:-1])
 
 
 def test_interpolate_from_latent_files_and_images(tiny_rgb, tmp_path):

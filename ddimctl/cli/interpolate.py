@@ -23,7 +23,8 @@ def interpolate(
     a: Annotated[str, typer.Argument(help="Start: a latent file, an image (inverted first) or seed:N.")],
     b: Annotated[str, typer.Argument(help="End: a latent file, an image (inverted first) or seed:N.")],
     model: ModelOpt = DEFAULT_MODEL,
-    frames: Annotated[int, typer.Option("--frames", "-k", min=2, help="Frames, both ends included.")] = 8,
+    frames: Annotated[int, typer.Option("--frames", "-k", min=2, help="Frames, both ends included: the frame files, the strip and the GIF each hold this many.")] = 8,
+    boomerang: Annotated[bool, typer.Option("--boomerang", help="The GIF also plays the way back (2 x frames - 2 frames, looping smoothly).")] = False,
     steps: StepsOpt = DEFAULT_STEPS,
     spacing: SpacingOpt = None,
     sampler: SamplerOpt = "ddim",
@@ -37,6 +38,9 @@ def interpolate(
     quiet: QuietOpt = False,
 ) -> None:
     """Slerp between two latents and decode each frame with eta = 0; writes the frames, a strip PNG and a GIF.
+
+    The GIF holds the frames once, forward (--boomerang adds the way back); like any GIF writer, Pillow stores two
+    identical consecutive frames as one frame shown twice as long.
 
     Frames are decoded without clipping x0 (as inversion needs), so an end given as seed:N is the image
     `ddimctl sample --seed N --no-clip-sample` makes.
@@ -78,6 +82,6 @@ def interpolate(
         rep.output(p)
     save_png(make_grid(x0, nrow=frames), strip)
     rep.output(strip)
-    save_gif(list(x0), gif, boomerang=True)
+    save_gif(list(x0), gif, boomerang=boomerang)
     rep.output(gif)
     rep.finish(report_doc("interpolate", engine, endpoints=[a, b], alphas=alphas))
