@@ -17,7 +17,7 @@ from torch import nn
 
 import ddimctl.unet as unet_module
 from ddimctl.errors import ConfigError
-from ddimctl.unet import UNet2DModel, count_parameters
+from ddimctl.unet import DEFAULT_CONFIG, UNet2DModel, count_parameters
 
 BASE = {
     "sample_size": 8,
@@ -227,6 +227,23 @@ def test_variant_matches_diffusers(diffusers, name, tmp_path):
             assert got.dtype == torch.float32
             assert _output_diff(got, expected, config, t) <= 1e-5, (name, t, _output_diff(got, expected, config, t))
             assert expected.abs().max() > 1e-2  # the comparison is not between two near-zero outputs
+
+
+FULL_CONFIGS = {"cd-imagenet64": CD_IMAGENET64_CONFIG, "iddpm-cifar10": IDDPM_CIFAR10_CONFIG}
+
+
+@pytest.mark.parametrize("name", [*VARIANTS, *FULL_CONFIGS])
+def test_config_round_trips_through_diffusers(diffusers, name):
+    """The config ours records (what a saved checkpoint's config.json gets) is the one diffusers records, and
+    diffusers builds the same module tree from it."""
+    config = FULL_CONFIGS[name] if name in FULL_CONFIGS else VARIANTS[name][0]
+    with torch.device("meta"):
+        ours = UNet2DModel.from_config(config)
+        direct = diffusers.UNet2DModel(**config)
+        reloaded = diffusers.UNet2DModel.from_config(json.loads(json.dumps(ours.config)))
+    assert list(reloaded.state_dict()) == list(ours.state_dict()) == list(direct.state_dict())
+    direct_config = {k: list(v) if isinstance(v, tuple) else v for k, v in direct.config.items()}
+    assert {key: ours.config[key] for key in DEFAULT_CONFIG} == {key: direct_config[key] for key in DEFAULT_CONFIG}
 
 
 def test_scale_shift_changes_the_mid_block_attention_norm(diffusers):
