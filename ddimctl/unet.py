@@ -329,7 +329,9 @@ def _linear_per_row(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     inside a batch of 4 come out different in the last bits. Here each row is its own (1, in) x (in, out) product
     of a batched matmul over a stride-0 view of the weight (no copy), so a row's result never depends on how
     many rows come with it: the time path of a (1,) timestep and of the same timestep repeated B times agree
-    bit for bit. Used only on the time embedding path (a few rows of a few hundred features).
+    bit for bit. Used only on the time embedding path (a few rows of a few hundred features). Its rounding also
+    depends on the weight's address modulo 16 bytes (not the input's): :func:`_align_time_path_weights` keeps
+    those weights aligned when a state dict is adopted.
 
     When autograd records (training), the value is still the per-row one, but the gradient flows through a plain
     ``F.linear`` of the same map (added as ``ref - ref.detach()``, exactly zero): the batched matmul's own weight
@@ -346,6 +348,27 @@ def _linear_per_row(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         reference = F.linear(x, weight, bias)
         out = out + (reference - reference.detach())
     return out
+
+
+def _align_time_path_weights(model: nn.Module, incompatible_keys: Any = None) -> None:
+    """Give every weight :func:`_linear_per_row` uses storage of its own at an aligned address.
+
+    ``load_state_dict(..., assign=True)`` adopts the loaded tensors as they are, and safetensors hands them out
+    at arbitrary offsets of one buffer; the CPU batched matmul rounds differently when its weight is not 16-byte
+    aligned (measured here), so a checkpoint loaded that way would differ in the last bits from the model it was
+    saved from. A fresh allocation is 64-byte aligned. Registered as a load_state_dict post-hook.
+    """
+    for module in model.modules():
+        if isinstance(module, ResnetBlock2D):
+            linears = [module.time_emb_proj]
+        elif isinstance(module, TimestepEmbedding):
+            linears = [module.linear_1, module.linear_2]
+        else:
+            continue
+        for linear in linears:
+            weight = linear.weight
+            if not weight.is_meta and weight.data_ptr() % 64:
+                weight.data = weight.data.clone(memory_format=torch.contiguous_format)
 
 
 class TimestepEmbedding(nn.Module):
@@ -832,6 +855,7 @@ class UNet2DModel(nn.Module):
         self.conv_norm_out = nn.GroupNorm(num_channels=channels[0], num_groups=groups, eps=eps)
         self.conv_act = nn.SiLU()  # SiLU whatever act_fn is, as in diffusers
         self.conv_out = nn.Conv2d(channels[0], cfg["out_channels"], kernel_size=3, padding=1)
+        self.register_load_state_dict_post_hook(_align_time_path_weights)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], source: str = "config.json") -> UNet2DModel:
