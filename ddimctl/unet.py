@@ -1,16 +1,36 @@
-"""A self-contained torch port of diffusers' ``UNet2DModel`` for DDPM-style checkpoints.
+"""A self-contained torch port of diffusers' ``UNet2DModel``.
 
 The module tree (hence every ``state_dict`` key and shape) and the forward numerics follow diffusers'
 ``UNet2DModel`` (``diffusers/models/unets/unet_2d.py`` and the blocks it builds), so a diffusers
-``diffusion_pytorch_model.safetensors`` loads here with ``strict=True`` and gives the same output, without
-importing diffusers. Only the configurations DDPM checkpoints use are built (``google/ddpm-cifar10-32``,
-``google/ddpm-celebahq-256``, ...): positional time embedding, ``DownBlock2D``/``AttnDownBlock2D`` and
-``UpBlock2D``/``AttnUpBlock2D`` blocks, an optional ``UNetMidBlock2D``, ``"default"`` time conditioning and
-convolutional resampling. Anything else in a config is refused with a one-line :class:`ConfigError`.
+``diffusion_pytorch_model.safetensors`` loads here with ``strict=True`` and gives the same output (within 1e-5
+in float32), without importing diffusers. Built:
+
+- blocks ``DownBlock2D``, ``AttnDownBlock2D``, ``ResnetDownsampleBlock2D`` / ``UpBlock2D``, ``AttnUpBlock2D``,
+  ``ResnetUpsampleBlock2D``, an optional ``UNetMidBlock2D``; ``downsample_type`` / ``upsample_type`` ``"conv"``
+  or ``"resnet"`` (resampling by a parameter-free pool / nearest upsample inside a ``ResnetBlock2D``);
+- ``resnet_time_scale_shift`` ``"default"`` (time embedding added before ``norm2``) or ``"scale_shift"``
+  (``norm2(h) * (1 + scale) + shift``; the mid-block attention then has no group norm unless
+  ``attn_norm_num_groups`` is set, as in diffusers);
+- ``time_embedding_type`` ``"positional"``, ``"fourier"`` (Gaussian Fourier features of log t; the output is
+  divided by t, as diffusers does) or ``"learned"`` (a table of ``num_train_timesteps`` rows);
+- class conditioning: ``num_class_embeds`` (a table), ``class_embed_type`` ``"timestep"`` or ``"identity"``,
+  summed with the time embedding; ``forward(sample, timestep, class_labels)``;
+- any ``out_channels`` (``2 * in_channels`` for learned-variance models: the caller splits the output).
+
+Refused with a one-line :class:`ConfigError` naming the key and the value: any other block type
+(``SkipDownBlock2D``, ``AttnSkipDownBlock2D``, ``KDownBlock2D``, cross-attention blocks, ...),
+``resnet_time_scale_shift`` ``"spatial"`` / ``"ada_group"`` (diffusers' UNet2DModel cannot build them either),
+other ``class_embed_type`` values (which diffusers silently ignores), ``norm_num_groups: null`` (diffusers fails
+on it), ``"learned"`` without ``num_train_timesteps``, and unknown keys.
+
+A timestep shared by the batch (a number, a 0-d or a (1,) tensor) runs the time path once, on one row, and
+broadcasts it; every matmul of that path is computed row by row, so the same value given as a (B,) tensor gives
+a bit-identical output.
 
     model = UNet2DModel.from_config(json.loads(Path("config.json").read_text()))
     model.load_state_dict(safetensors.torch.load_file("diffusion_pytorch_model.safetensors"))
     eps = model(x_t, t)  # a plain tensor shaped like x_t (with out_channels channels)
+    eps = model(x_t, t, class_labels=labels)  # when model.is_class_conditional
 """
 
 from __future__ import annotations
@@ -33,9 +53,13 @@ __all__ = [
     "convert_legacy_attention_keys",
 ]
 
-DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
-UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
+DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
+UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2D", None)
+TIME_EMBEDDING_TYPES = ("positional", "fourier", "learned")
+RESNET_TIME_SCALE_SHIFTS = ("default", "scale_shift")
+RESAMPLE_TYPES = ("conv", "resnet")  # downsample_type / upsample_type (they only change the Attn* blocks)
+CLASS_EMBED_TYPES = (None, "timestep", "identity")
 
 # diffusers' ``get_activation`` table (the name is matched case-insensitively there too).
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -151,14 +175,13 @@ def normalize_config(config: Mapping[str, Any], source: str = "config.json") -> 
             raise fail(f"{key} must be true or false, got {_fmt(out[key])}")
 
     # refused features first: their names are the most useful thing to report
-    choice("time_embedding_type", ("positional",))
-    choice("resnet_time_scale_shift", ("default",))
-    choice("downsample_type", ("conv",))
-    choice("upsample_type", ("conv",))
+    choice("time_embedding_type", TIME_EMBEDDING_TYPES)
+    choice("resnet_time_scale_shift", RESNET_TIME_SCALE_SHIFTS)
+    choice("downsample_type", RESAMPLE_TYPES)
+    choice("upsample_type", RESAMPLE_TYPES)
     choice("mid_block_type", MID_BLOCK_TYPES)
-    for key in ("class_embed_type", "num_class_embeds"):
-        if out[key] is not None:
-            raise fail(f"unsupported {key} {_fmt(out[key])} (class conditioning is not supported; expected null)")
+    # diffusers silently builds no class embedding for any other class_embed_type: refused rather than ignored
+    choice("class_embed_type", CLASS_EMBED_TYPES)
     for key, supported in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
         value = out[key]
         if not isinstance(value, list) or not value:
@@ -180,10 +203,17 @@ def normalize_config(config: Mapping[str, Any], source: str = "config.json") -> 
                 f"{key} {_fmt(out[key])} has {len(out[key])} entries but block_out_channels {_fmt(channels)} "
                 f"has {len(channels)}"
             )
+    if out["norm_num_groups"] is None:
+        # diffusers' UNet2DModel has a fallback for it (min(block_out_channels[0] // 4, 32)) only for conv_norm_out
+        # and the mid block: its down/up blocks hand None to GroupNorm and fail, so no such checkpoint exists
+        raise fail("unsupported norm_num_groups null (diffusers' UNet2DModel cannot build its resnets without it)")
     for key in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
         positive_int(key)
     for key in ("time_embedding_dim", "attention_head_dim", "attn_norm_num_groups", "num_train_timesteps"):
         positive_int(key, nullable=True)
+    positive_int("num_class_embeds", nullable=True)
+    if out["time_embedding_type"] == "learned" and out["num_train_timesteps"] is None:
+        raise fail("time_embedding_type 'learned' needs num_train_timesteps (the size of its table), got null")
     for key in ("center_input_sample", "flip_sin_to_cos", "add_attention"):
         boolean(key)
     if not _is_int(out["downsample_padding"]) or out["downsample_padding"] < 0:
@@ -191,7 +221,7 @@ def normalize_config(config: Mapping[str, Any], source: str = "config.json") -> 
     if not _is_number(out["freq_shift"]):
         raise fail(f"freq_shift must be a number, got {_fmt(out['freq_shift'])}")
     half_dim = channels[0] // 2
-    if half_dim - out["freq_shift"] == 0:
+    if out["time_embedding_type"] == "positional" and half_dim - out["freq_shift"] == 0:
         raise fail(f"freq_shift {_fmt(out['freq_shift'])} equals half of block_out_channels[0] (division by zero)")
     if not _is_number(out["mid_block_scale_factor"]) or out["mid_block_scale_factor"] == 0:
         raise fail(f"mid_block_scale_factor must be a non-zero number, got {_fmt(out['mid_block_scale_factor'])}")
@@ -205,7 +235,7 @@ def normalize_config(config: Mapping[str, Any], source: str = "config.json") -> 
         if c % groups:
             raise fail(f"block_out_channels entry {c} is not divisible by norm_num_groups {groups}")
     has_mid_attention = out["mid_block_type"] is not None and out["add_attention"]
-    attn_groups = out["attn_norm_num_groups"]
+    attn_groups = out["attn_norm_num_groups"]  # null: norm_num_groups with "default", no norm with "scale_shift"
     if attn_groups is not None and has_mid_attention and channels[-1] % attn_groups:
         raise fail(
             f"block_out_channels entry {channels[-1]} (mid block) is not divisible by "
@@ -292,6 +322,55 @@ class Timesteps(nn.Module):
         return timestep_embedding(timesteps, self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift)
 
 
+def _linear_per_row(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` for ``x`` (N, in) computed as N one-row products: (N, out).
+
+    A plain (N, in) matmul picks its kernel and summation order by N, so on a CPU a row alone and the same row
+    inside a batch of 4 come out different in the last bits. Here each row is its own (1, in) x (in, out) product
+    of a batched matmul over a stride-0 view of the weight (no copy), so a row's result never depends on how
+    many rows come with it: the time path of a (1,) timestep and of the same timestep repeated B times agree
+    bit for bit. Used only on the time embedding path (a few rows of a few hundred features). Its rounding also
+    depends on the weight's address modulo 16 bytes (not the input's): :func:`_align_time_path_weights` keeps
+    those weights aligned when a state dict is adopted.
+
+    When autograd records (training), the value is still the per-row one, but the gradient flows through a plain
+    ``F.linear`` of the same map (added as ``ref - ref.detach()``, exactly zero): the batched matmul's own weight
+    gradient would materialise an (N, in, out) tensor.
+    """
+    weight, bias = linear.weight, linear.bias
+    record = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    rows = x.detach() if record else x
+    weight_t = (weight.detach() if record else weight).t()  # (in, out)
+    out = torch.bmm(rows[:, None, :], weight_t.expand(x.shape[0], -1, -1))[:, 0, :]  # (N, out)
+    if bias is not None:
+        out = out + (bias.detach() if record else bias)
+    if record:
+        reference = F.linear(x, weight, bias)
+        out = out + (reference - reference.detach())
+    return out
+
+
+def _align_time_path_weights(model: nn.Module, incompatible_keys: Any = None) -> None:
+    """Give every weight :func:`_linear_per_row` uses storage of its own at an aligned address.
+
+    ``load_state_dict(..., assign=True)`` adopts the loaded tensors as they are, and safetensors hands them out
+    at arbitrary offsets of one buffer; the CPU batched matmul rounds differently when its weight is not 16-byte
+    aligned (measured here), so a checkpoint loaded that way would differ in the last bits from the model it was
+    saved from. A fresh allocation is 64-byte aligned. Registered as a load_state_dict post-hook.
+    """
+    for module in model.modules():
+        if isinstance(module, ResnetBlock2D):
+            linears = [module.time_emb_proj]
+        elif isinstance(module, TimestepEmbedding):
+            linears = [module.linear_1, module.linear_2]
+        else:
+            continue
+        for linear in linears:
+            weight = linear.weight
+            if not weight.is_meta and weight.data_ptr() % 64:
+                weight.data = weight.data.clone(memory_format=torch.contiguous_format)
+
+
 class TimestepEmbedding(nn.Module):
     """``linear_1 -> SiLU -> linear_2`` (diffusers always uses SiLU here, whatever ``act_fn`` says)."""
 
@@ -302,11 +381,49 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(sample)))
+        """(N, in_channels) -> (N, time_embed_dim), row by row (:func:`_linear_per_row`)."""
+        return _linear_per_row(self.linear_2, self.act(_linear_per_row(self.linear_1, sample)))
+
+
+class GaussianFourierProjection(nn.Module):
+    """Random Fourier features of ``log(t)`` (score-SDE noise levels), as diffusers' ``GaussianFourierProjection``
+    built by ``UNet2DModel`` (``scale=16``, ``log=True``, ``flip_sin_to_cos=False``: the config's
+    ``flip_sin_to_cos`` and ``freq_shift`` do not apply). Its fixed random frequencies are the ``weight``
+    parameter (``time_proj.weight``, not trained). ``(N,)`` -> ``(N, 2 * embedding_size)``.
+    """
+
+    def __init__(self, embedding_size: int, scale: float = 16.0, log: bool = True, flip_sin_to_cos: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(embedding_size) * scale, requires_grad=False)
+        self.log = log
+        self.flip_sin_to_cos = flip_sin_to_cos
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.log:
+            x = torch.log(x)
+        x_proj = x[:, None] * self.weight[None, :] * 2 * math.pi  # (N, embedding_size), diffusers' operation order
+        if self.flip_sin_to_cos:
+            return torch.cat([torch.cos(x_proj), torch.sin(x_proj)], dim=-1)
+        return torch.cat([torch.sin(x_proj), torch.cos(x_proj)], dim=-1)
+
+
+def _upsample_nearest(hidden_states: torch.Tensor) -> torch.Tensor:
+    """2x nearest-neighbour upsampling, (B, C, H, W) -> (B, C, 2H, 2W)."""
+    # diffusers' workarounds for upsample_nearest_nhwc failing on large batches / large outputs
+    if hidden_states.shape[0] >= 64 or hidden_states.numel() * 2 > 2**31:
+        hidden_states = hidden_states.contiguous()
+    return F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
 
 
 class ResnetBlock2D(nn.Module):
-    """Pre-norm residual block with additive time conditioning (diffusers' ``time_embedding_norm="default"``)."""
+    """Pre-norm residual block conditioned on the time embedding, diffusers' ``ResnetBlock2D``.
+
+    ``time_embedding_norm="default"`` adds the projected embedding before ``norm2``; ``"scale_shift"`` projects
+    it to twice the channels and applies ``norm2(h) * (1 + scale) + shift``. ``down=True`` (``up=True``) halves
+    (doubles) the resolution of both branches after ``norm1`` and the activation: 2x2 average pooling (nearest
+    upsampling), no parameters, as the resampling resnets of ``Resnet{Down,Up}sampleBlock2D`` and the
+    ``"resnet"`` down/upsample types do.
+    """
 
     def __init__(
         self,
@@ -318,12 +435,18 @@ class ResnetBlock2D(nn.Module):
         act_fn: str,
         dropout: float = 0.0,
         output_scale_factor: float = 1.0,
+        time_embedding_norm: str = "default",
+        up: bool = False,
+        down: bool = False,
     ):
         super().__init__()
         self.output_scale_factor = output_scale_factor
+        self.time_embedding_norm = time_embedding_norm
+        self.up, self.down = up, down
         self.norm1 = nn.GroupNorm(num_groups=groups, num_channels=in_channels, eps=eps, affine=True)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        proj_channels = 2 * out_channels if time_embedding_norm == "scale_shift" else out_channels
+        self.time_emb_proj = nn.Linear(temb_channels, proj_channels)
         self.norm2 = nn.GroupNorm(num_groups=groups, num_channels=out_channels, eps=eps, affine=True)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
@@ -335,13 +458,28 @@ class ResnetBlock2D(nn.Module):
         )
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """``input_tensor`` (B, C_in, H, W), ``temb`` (B, D) or (1, D) (then broadcast over the batch)."""
         fresh = _in_place_ok()  # norm and conv outputs below are new tensors nobody else holds
-        hidden = self.conv1(_act(self.nonlinearity, self.norm1(input_tensor), fresh))  # (B, C_out, H, W)
-        temb = self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]  # (B, C_out, 1, 1)
-        hidden = self.norm2(hidden.add_(temb) if fresh else hidden + temb)
+        hidden = _act(self.nonlinearity, self.norm1(input_tensor), fresh)
+        if self.up:
+            input_tensor, hidden = _upsample_nearest(input_tensor), _upsample_nearest(hidden)  # (B, C_in, 2H, 2W)
+        elif self.down:
+            input_tensor = F.avg_pool2d(input_tensor, kernel_size=2, stride=2)  # (B, C_in, H/2, W/2)
+            hidden = F.avg_pool2d(hidden, kernel_size=2, stride=2)
+        hidden = self.conv1(hidden)  # (B, C_out, H', W')
+        temb = _linear_per_row(self.time_emb_proj, self.nonlinearity(temb))[:, :, None, None]  # (B|1, C_proj, 1, 1)
+        if self.time_embedding_norm == "scale_shift":
+            time_scale, time_shift = torch.chunk(temb, 2, dim=1)  # (B|1, C_out, 1, 1) each
+            hidden = self.norm2(hidden)
+            if fresh:
+                hidden = hidden.mul_(1 + time_scale).add_(time_shift)
+            else:
+                hidden = hidden * (1 + time_scale) + time_shift
+        else:
+            hidden = self.norm2(hidden.add_(temb) if fresh else hidden + temb)
         hidden = self.conv2(self.dropout(_act(self.nonlinearity, hidden, fresh)))
         if self.conv_shortcut is not None:
-            input_tensor = self.conv_shortcut(input_tensor)  # (B, C_out, H, W)
+            input_tensor = self.conv_shortcut(input_tensor)  # (B, C_out, H', W')
         out = hidden.add_(input_tensor) if fresh else input_tensor + hidden  # a + b == b + a exactly
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
 
@@ -418,15 +556,13 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # diffusers' workarounds for upsample_nearest_nhwc failing on large batches / large outputs
-        if hidden_states.shape[0] >= 64 or hidden_states.numel() * 2 > 2**31:
-            hidden_states = hidden_states.contiguous()
-        hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
-        return self.conv(hidden_states)
+        return self.conv(_upsample_nearest(hidden_states))  # (B, C, 2H, 2W)
 
 
 class DownBlock2D(nn.Module):
-    """``DownBlock2D`` (``with_attention=False``) or ``AttnDownBlock2D``: resnets (+ attention), then downsample."""
+    """diffusers' ``DownBlock2D`` / ``AttnDownBlock2D`` (``with_attention``) / ``ResnetDownsampleBlock2D``:
+    resnets (+ attention), then an optional downsampler, ``"conv"`` (:class:`Downsample2D`) or ``"resnet"``
+    (a :class:`ResnetBlock2D` with ``down=True``)."""
 
     def __init__(
         self,
@@ -434,7 +570,7 @@ class DownBlock2D(nn.Module):
         out_channels: int,
         temb_channels: int,
         num_layers: int,
-        add_downsample: bool,
+        downsample: str | None,
         with_attention: bool,
         groups: int,
         eps: float,
@@ -442,21 +578,28 @@ class DownBlock2D(nn.Module):
         dropout: float,
         downsample_padding: int,
         attention_head_dim: int,
+        time_embedding_norm: str = "default",
     ):
         super().__init__()
+
+        def resnet(c_in: int, **kwargs: Any) -> ResnetBlock2D:
+            return ResnetBlock2D(
+                c_in, out_channels, temb_channels, groups, eps, act_fn, dropout,
+                time_embedding_norm=time_embedding_norm, **kwargs,
+            )  # fmt: skip
+
         # attentions registered before resnets, as diffusers does, so state_dict keys come in the same order
         self.attentions = (
             nn.ModuleList(Attention(out_channels, attention_head_dim, groups, eps) for _ in range(num_layers))
             if with_attention
             else None
         )
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(
-                in_channels if i == 0 else out_channels, out_channels, temb_channels, groups, eps, act_fn, dropout
-            )
-            for i in range(num_layers)
-        )
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, downsample_padding)]) if add_downsample else None
+        self.resnets = nn.ModuleList(resnet(in_channels if i == 0 else out_channels) for i in range(num_layers))
+        self.downsamplers: nn.ModuleList | None = None
+        if downsample == "conv":
+            self.downsamplers = nn.ModuleList([Downsample2D(out_channels, downsample_padding)])
+        elif downsample == "resnet":
+            self.downsamplers = nn.ModuleList([resnet(out_channels, down=True)])
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Returns the block output and every intermediate state the up path concatenates back in."""
@@ -467,13 +610,19 @@ class DownBlock2D(nn.Module):
                 hidden_states = self.attentions[i](hidden_states)
             output_states += (hidden_states,)
         if self.downsamplers is not None:
-            hidden_states = self.downsamplers[0](hidden_states)
+            downsampler = self.downsamplers[0]
+            if isinstance(downsampler, ResnetBlock2D):
+                hidden_states = downsampler(hidden_states, temb)  # (B, C, H/2, W/2)
+            else:
+                hidden_states = downsampler(hidden_states)
             output_states += (hidden_states,)
         return hidden_states, output_states
 
 
 class UpBlock2D(nn.Module):
-    """``UpBlock2D`` (``with_attention=False``) or ``AttnUpBlock2D``: (concat skip, resnet, attention) x n, upsample."""
+    """diffusers' ``UpBlock2D`` / ``AttnUpBlock2D`` (``with_attention``) / ``ResnetUpsampleBlock2D``:
+    (concat skip, resnet, attention) x n, then an optional upsampler, ``"conv"`` (:class:`Upsample2D`) or
+    ``"resnet"`` (a :class:`ResnetBlock2D` with ``up=True``)."""
 
     def __init__(
         self,
@@ -482,31 +631,39 @@ class UpBlock2D(nn.Module):
         out_channels: int,
         temb_channels: int,
         num_layers: int,
-        add_upsample: bool,
+        upsample: str | None,
         with_attention: bool,
         groups: int,
         eps: float,
         act_fn: str,
         dropout: float,
         attention_head_dim: int,
+        time_embedding_norm: str = "default",
     ):
         super().__init__()
+
+        def resnet(c_in: int, **kwargs: Any) -> ResnetBlock2D:
+            return ResnetBlock2D(
+                c_in, out_channels, temb_channels, groups, eps, act_fn, dropout,
+                time_embedding_norm=time_embedding_norm, **kwargs,
+            )  # fmt: skip
+
         resnets = []
         for i in range(num_layers):
             res_skip_channels = in_channels if i == num_layers - 1 else out_channels
             resnet_in_channels = prev_output_channel if i == 0 else out_channels
-            resnets.append(
-                ResnetBlock2D(
-                    resnet_in_channels + res_skip_channels, out_channels, temb_channels, groups, eps, act_fn, dropout
-                )
-            )
+            resnets.append(resnet(resnet_in_channels + res_skip_channels))
         self.attentions = (
             nn.ModuleList(Attention(out_channels, attention_head_dim, groups, eps) for _ in range(num_layers))
             if with_attention
             else None
         )
         self.resnets = nn.ModuleList(resnets)
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+        self.upsamplers: nn.ModuleList | None = None
+        if upsample == "conv":
+            self.upsamplers = nn.ModuleList([Upsample2D(out_channels)])
+        elif upsample == "resnet":
+            self.upsamplers = nn.ModuleList([resnet(out_channels, up=True)])
 
     def forward(
         self, hidden_states: torch.Tensor, res_hidden_states: tuple[torch.Tensor, ...], temb: torch.Tensor
@@ -519,7 +676,11 @@ class UpBlock2D(nn.Module):
             if self.attentions is not None:
                 hidden_states = self.attentions[i](hidden_states)
         if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states)
+            upsampler = self.upsamplers[0]
+            if isinstance(upsampler, ResnetBlock2D):
+                hidden_states = upsampler(hidden_states, temb)  # (B, C, 2H, 2W)
+            else:
+                hidden_states = upsampler(hidden_states)
         return hidden_states
 
 
@@ -538,12 +699,17 @@ class UNetMidBlock2D(nn.Module):
         output_scale_factor: float,
         add_attention: bool,
         attention_head_dim: int,
+        time_embedding_norm: str = "default",
     ):
         super().__init__()
-        attn_groups = groups if attn_groups is None else attn_groups  # resnet_time_scale_shift is "default"
+        if attn_groups is None:  # diffusers: the attention gets a group norm only with "default" conditioning
+            attn_groups = groups if time_embedding_norm == "default" else None
 
         def resnet() -> ResnetBlock2D:
-            return ResnetBlock2D(channels, channels, temb_channels, groups, eps, act_fn, dropout, output_scale_factor)
+            return ResnetBlock2D(
+                channels, channels, temb_channels, groups, eps, act_fn, dropout, output_scale_factor,
+                time_embedding_norm=time_embedding_norm,
+            )  # fmt: skip
 
         self.attentions = (
             nn.ModuleList([Attention(channels, attention_head_dim, attn_groups, eps, output_scale_factor)])
@@ -564,7 +730,7 @@ class UNetMidBlock2D(nn.Module):
 
 
 class UNet2DModel(nn.Module):
-    """diffusers' ``UNet2DModel`` (DDPM subset): ``model(sample, timestep) -> tensor``.
+    """diffusers' ``UNet2DModel``: ``model(sample, timestep, class_labels=None) -> tensor``.
 
     Build it from a config dict (``UNet2DModel(config)``, ``UNet2DModel(**config)`` or
     ``UNet2DModel.from_config(config)``); the config is validated by :func:`normalize_config` and kept, complete,
@@ -583,13 +749,35 @@ class UNet2DModel(nn.Module):
         n_blocks = len(channels)
         groups, eps, act_fn, dropout = cfg["norm_num_groups"], cfg["norm_eps"], cfg["act_fn"], cfg["dropout"]
         head_dim = cfg["attention_head_dim"]
+        scale_shift = cfg["resnet_time_scale_shift"]
         time_embed_dim = cfg["time_embedding_dim"] or channels[0] * 4
         self.center_input_sample = cfg["center_input_sample"]
         self.downscale_factor = 2 ** (n_blocks - 1)
+        self.time_embedding_type: str = cfg["time_embedding_type"]
+        self.class_embed_type: str | None = cfg["class_embed_type"]
 
         self.conv_in = nn.Conv2d(cfg["in_channels"], channels[0], kernel_size=3, padding=(1, 1))
-        self.time_proj = Timesteps(channels[0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
-        self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim)
+        self.time_proj: nn.Module
+        timestep_input_dim = channels[0]
+        if self.time_embedding_type == "fourier":
+            self.time_proj = GaussianFourierProjection(channels[0], scale=16)
+            timestep_input_dim = 2 * channels[0]
+        elif self.time_embedding_type == "learned":
+            self.time_proj = nn.Embedding(cfg["num_train_timesteps"], channels[0])
+        else:
+            self.time_proj = Timesteps(channels[0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
+        self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
+
+        # class conditioning, summed with the time embedding: a table of num_class_embeds rows, the time
+        # projection + MLP applied to the labels ("timestep"), or the labels themselves ("identity", (B, D))
+        self.class_embedding: nn.Module | None = None
+        if self.class_embed_type is None and cfg["num_class_embeds"] is not None:
+            self.class_embedding = nn.Embedding(cfg["num_class_embeds"], time_embed_dim)
+        elif self.class_embed_type == "timestep":
+            self.class_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
+        elif self.class_embed_type == "identity":
+            self.class_embedding = nn.Identity()
+        self.time_embed_dim = time_embed_dim
 
         # registration order as in diffusers (down_blocks, up_blocks, then mid_block) for the same key order
         self.down_blocks = nn.ModuleList()
@@ -597,13 +785,18 @@ class UNet2DModel(nn.Module):
         output_channel = channels[0]
         for i, block_type in enumerate(cfg["down_block_types"]):
             input_channel, output_channel = output_channel, channels[i]
+            downsample = None
+            if i < n_blocks - 1:  # only AttnDownBlock2D follows downsample_type, as in diffusers
+                downsample = {"DownBlock2D": "conv", "ResnetDownsampleBlock2D": "resnet"}.get(
+                    block_type, cfg["downsample_type"]
+                )
             self.down_blocks.append(
                 DownBlock2D(
                     input_channel,
                     output_channel,
                     time_embed_dim,
                     num_layers=cfg["layers_per_block"],
-                    add_downsample=i < n_blocks - 1,
+                    downsample=downsample,
                     with_attention=block_type == "AttnDownBlock2D",
                     groups=groups,
                     eps=eps,
@@ -611,6 +804,7 @@ class UNet2DModel(nn.Module):
                     dropout=dropout,
                     downsample_padding=cfg["downsample_padding"],
                     attention_head_dim=head_dim if head_dim is not None else output_channel,
+                    time_embedding_norm=scale_shift,
                 )
             )
 
@@ -627,6 +821,7 @@ class UNet2DModel(nn.Module):
                 output_scale_factor=cfg["mid_block_scale_factor"],
                 add_attention=cfg["add_attention"],
                 attention_head_dim=head_dim if head_dim is not None else channels[-1],
+                time_embedding_norm=scale_shift,
             )
 
         reversed_channels = list(reversed(channels))
@@ -634,6 +829,11 @@ class UNet2DModel(nn.Module):
         for i, block_type in enumerate(cfg["up_block_types"]):
             prev_output_channel, output_channel = output_channel, reversed_channels[i]
             input_channel = reversed_channels[min(i + 1, n_blocks - 1)]
+            upsample = None
+            if i < n_blocks - 1:  # only AttnUpBlock2D follows upsample_type, as in diffusers
+                upsample = {"UpBlock2D": "conv", "ResnetUpsampleBlock2D": "resnet"}.get(
+                    block_type, cfg["upsample_type"]
+                )
             self.up_blocks.append(
                 UpBlock2D(
                     input_channel,
@@ -641,19 +841,21 @@ class UNet2DModel(nn.Module):
                     output_channel,
                     time_embed_dim,
                     num_layers=cfg["layers_per_block"] + 1,
-                    add_upsample=i < n_blocks - 1,
+                    upsample=upsample,
                     with_attention=block_type == "AttnUpBlock2D",
                     groups=groups,
                     eps=eps,
                     act_fn=act_fn,
                     dropout=dropout,
                     attention_head_dim=head_dim if head_dim is not None else output_channel,
+                    time_embedding_norm=scale_shift,
                 )
             )
 
         self.conv_norm_out = nn.GroupNorm(num_channels=channels[0], num_groups=groups, eps=eps)
         self.conv_act = nn.SiLU()  # SiLU whatever act_fn is, as in diffusers
         self.conv_out = nn.Conv2d(channels[0], cfg["out_channels"], kernel_size=3, padding=1)
+        self.register_load_state_dict_post_hook(_align_time_path_weights)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], source: str = "config.json") -> UNet2DModel:
@@ -661,23 +863,66 @@ class UNet2DModel(nn.Module):
         normalized = normalize_config(config, source)
         return cls(normalized)
 
+    @property
+    def is_class_conditional(self) -> bool:
+        """Whether ``forward`` needs ``class_labels`` (``num_class_embeds`` or ``class_embed_type`` is set)."""
+        return self.class_embedding is not None
+
+    @property
+    def num_class_embeds(self) -> int | None:
+        """The number of class ids (labels in ``[0, num_class_embeds)``) for a class-table model; None otherwise
+        (unconditional, or ``class_embed_type`` ``"timestep"``/``"identity"``, whose labels are not ids)."""
+        return self.config["num_class_embeds"] if isinstance(self.class_embedding, nn.Embedding) else None
+
     def _timesteps(self, timestep: torch.Tensor | float | int, batch: int, device: torch.device) -> torch.Tensor:
-        """``timestep`` as a ``(batch,)`` tensor on ``device``, broadcast like diffusers (no host sync)."""
+        """``timestep`` as a ``(1,)`` or ``(batch,)`` tensor on ``device`` (no host sync).
+
+        A number, a 0-d or a ``(1,)`` tensor stays one row: the time path runs once and broadcasts over the batch.
+        """
         if not torch.is_tensor(timestep):
             # diffusers wraps python numbers as torch.long, so a float timestep is truncated towards zero
-            return torch.full((batch,), int(timestep), dtype=torch.long, device=device)
+            return torch.tensor([int(timestep)], dtype=torch.long, device=device)
         timesteps = timestep.to(device)
         if timesteps.ndim == 0:
             timesteps = timesteps[None]  # (1,)
         if timesteps.ndim != 1 or timesteps.shape[0] not in (1, batch):
             raise ValueError(
-                f"timestep must be a number, a 0-d tensor or a ({batch},) tensor, got shape {tuple(timestep.shape)}"
+                f"timestep must be a number, a 0-d tensor, a (1,) or a ({batch},) tensor, "
+                f"got shape {tuple(timestep.shape)}"
             )
-        return timesteps.expand(batch)  # (B,)
+        if self.time_embedding_type == "learned" and timesteps.is_floating_point():
+            raise ValueError(
+                f"this model looks its timesteps up in a table (time_embedding_type 'learned'): pass integer "
+                f"timesteps in [0, {self.config['num_train_timesteps']}), got a {timesteps.dtype} tensor"
+            )
+        return timesteps  # (1,) or (B,)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int) -> torch.Tensor:
+    def _class_embedding(self, class_labels: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """The class term added to the time embedding: (B, D), or (1, D) for one label shared by the batch."""
+        assert self.class_embedding is not None
+        labels = class_labels.to(self.conv_in.weight.device)
+        if self.class_embed_type == "timestep":
+            labels = self.time_proj(labels).to(dtype=dtype)  # (N, C_t); diffusers leaves it float32
+        class_emb = self.class_embedding(labels).to(dtype=dtype)
+        if class_emb.ndim != 2 or class_emb.shape[0] not in (1, batch) or class_emb.shape[1] != self.time_embed_dim:
+            expected = f"(B, {self.time_embed_dim})" if self.class_embed_type == "identity" else "(B,)"
+            raise ValueError(
+                f"class_labels must be a {expected} tensor for this model (batch {batch}), "
+                f"got shape {tuple(class_labels.shape)}"
+            )
+        return class_emb
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Predict from ``sample`` (B, in_channels, H, W) at ``timestep``; returns (B, out_channels, H, W).
 
+        ``timestep``: a number, a 0-d or (1,) tensor (shared by the batch: the time embedding is computed once)
+        or a (B,) tensor. ``class_labels``: required exactly when :attr:`is_class_conditional` (class ids (B,)
+        for a class table, values (B,) for ``class_embed_type`` ``"timestep"``, (B, D) for ``"identity"``).
         H and W must be multiples of ``2 ** (len(block_out_channels) - 1)``.
         """
         if sample.ndim != 4 or sample.shape[-2] % self.downscale_factor or sample.shape[-1] % self.downscale_factor:
@@ -685,13 +930,29 @@ class UNet2DModel(nn.Module):
                 f"sample must be (B, C, H, W) with H and W multiples of {self.downscale_factor}, "
                 f"got shape {tuple(sample.shape)}"
             )
+        if self.class_embedding is not None and class_labels is None:
+            what = {None: "class ids", "timestep": "class values", "identity": "class embeddings"}
+            raise ValueError(
+                f"this model is class-conditional (num_class_embeds {_fmt(self.config['num_class_embeds'])}, "
+                f"class_embed_type {_fmt(self.class_embed_type)}): pass class_labels ({what[self.class_embed_type]})"
+            )
+        if self.class_embedding is None and class_labels is not None:
+            raise ValueError(
+                "class_labels given, but this model is not class-conditional (num_class_embeds and "
+                "class_embed_type are null)"
+            )
+        batch = sample.shape[0]
         if self.center_input_sample:
             sample = 2 * sample - 1.0
 
-        # time: the sinusoidal projection is float32; cast to the weights' dtype as diffusers casts to self.dtype
-        timesteps = self._timesteps(timestep, sample.shape[0], sample.device)  # (B,)
-        t_emb = self.time_proj(timesteps).to(dtype=self.time_embedding.linear_1.weight.dtype)  # (B, C0)
-        emb = self.time_embedding(t_emb)  # (B, time_embed_dim)
+        # time: computed on the (1,) or (B,) timesteps as they come, never expanded to the batch first;
+        # the projection is cast to the weights' dtype as diffusers casts to self.dtype
+        dtype = self.time_embedding.linear_1.weight.dtype
+        timesteps = self._timesteps(timestep, batch, sample.device)  # (1,) or (B,)
+        t_emb = self.time_proj(timesteps).to(dtype=dtype)  # (1|B, C_t)
+        emb = self.time_embedding(t_emb)  # (1|B, time_embed_dim)
+        if class_labels is not None:
+            emb = emb + self._class_embedding(class_labels, batch, dtype)  # (1|B, time_embed_dim)
 
         sample = self.conv_in(sample)  # (B, C0, H, W)
         down_block_res_samples: tuple[torch.Tensor, ...] = (sample,)
@@ -709,6 +970,12 @@ class UNet2DModel(nn.Module):
             sample = up_block(sample, res_samples, emb)
 
         sample = self.conv_out(_act(self.conv_act, self.conv_norm_out(sample), _in_place_ok()))  # (B, C_out, H, W)
+
+        if self.time_embedding_type == "fourier":
+            # diffusers divides the output by the timesteps (score-SDE: the noise level sigma); the quotient is
+            # taken in the promoted dtype as there, then kept in the model's dtype (diffusers would return float64
+            # for float64 timesteps)
+            sample = (sample / timesteps.reshape(-1, 1, 1, 1)).to(dtype=sample.dtype)
         return sample
 
 

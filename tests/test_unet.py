@@ -341,17 +341,17 @@ def test_legacy_attention_keys_convert():
 
 
 ERROR_CASES = [
-    ({"time_embedding_type": "fourier"}, "time_embedding_type", "'fourier'"),
-    ({"time_embedding_type": "learned"}, "time_embedding_type", "'learned'"),
+    ({"time_embedding_type": "sinusoidal"}, "time_embedding_type", "'sinusoidal'"),
+    ({"time_embedding_type": "learned"}, "num_train_timesteps", "null"),  # learned needs its table size
     ({"down_block_types": ["SkipDownBlock2D", "AttnDownBlock2D"]}, "down_block_types", "'SkipDownBlock2D'"),
     ({"up_block_types": ["AttnUpBlock2D", "CrossAttnUpBlock2D"]}, "up_block_types", "'CrossAttnUpBlock2D'"),
     ({"down_block_types": "DownBlock2D"}, "down_block_types", "'DownBlock2D'"),
     ({"mid_block_type": "UNetMidBlock2DCrossAttn"}, "mid_block_type", "'UNetMidBlock2DCrossAttn'"),
-    ({"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift", "'scale_shift'"),
-    ({"class_embed_type": "timestep"}, "class_embed_type", "'timestep'"),
-    ({"num_class_embeds": 10}, "num_class_embeds", "10"),
-    ({"downsample_type": "resnet"}, "downsample_type", "'resnet'"),
-    ({"upsample_type": "resnet"}, "upsample_type", "'resnet'"),
+    ({"resnet_time_scale_shift": "spatial"}, "resnet_time_scale_shift", "'spatial'"),
+    ({"class_embed_type": "projection"}, "class_embed_type", "'projection'"),
+    ({"num_class_embeds": 0}, "num_class_embeds", "0"),
+    ({"downsample_type": "fir"}, "downsample_type", "'fir'"),
+    ({"upsample_type": "fir"}, "upsample_type", "'fir'"),
     ({"act_fn": "tanh"}, "act_fn", "'tanh'"),
     ({"block_out_channels": [32, "64"]}, "block_out_channels", "[32, '64']"),
     ({"block_out_channels": 32}, "block_out_channels", "32"),
@@ -395,13 +395,15 @@ def test_config_errors_name_key_and_value(overrides, key, value):
 
 
 def test_config_error_uses_source_and_refuses_non_mapping():
-    with pytest.raises(ConfigError, match=r"^models/x/config\.json: unsupported time_embedding_type 'fourier'"):
-        UNet2DModel.from_config({"time_embedding_type": "fourier"}, source="models/x/config.json")
+    with pytest.raises(ConfigError, match=r"^models/x/config\.json: unsupported time_embedding_type 'sinusoidal'"):
+        UNet2DModel.from_config({"time_embedding_type": "sinusoidal"}, source="models/x/config.json")
     with pytest.raises(ConfigError, match="JSON object"):
         UNet2DModel.from_config([1, 2])
     with pytest.raises(ConfigError, match="JSON object"):
         UNet2DModel([1, 2])
-    expected = r"down_block_types entry 'SkipDownBlock2D' \(supported: DownBlock2D, AttnDownBlock2D\)"
+    expected = (
+        r"down_block_types entry 'SkipDownBlock2D' \(supported: DownBlock2D, AttnDownBlock2D, ResnetDownsampleBlock2D\)"
+    )
     with pytest.raises(ConfigError, match=expected):
         UNet2DModel({**TINY_BASE, "down_block_types": ["DownBlock2D", "SkipDownBlock2D"]})
 
