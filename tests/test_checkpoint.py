@@ -418,7 +418,7 @@ def test_config_json_problems(saved):
     one_line_error(saved, config, "not JSON")
     config.write_text("[1, 2]")
     one_line_error(saved, config, "expected a JSON object")
-    config.write_text(json.dumps({**json.loads(text), "time_embedding_type": "fourier"}))
+    config.write_text(json.dumps({**json.loads(text), "time_embedding_type": "sinusoidal"}))
     one_line_error(saved, config, "time_embedding_type", cls=ConfigError)
     config.write_text(json.dumps({**json.loads(text), "_class_name": "UNet2DConditionModel"}))
     one_line_error(saved, config, "UNet2DConditionModel", cls=ConfigError)

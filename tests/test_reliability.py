@@ -179,7 +179,7 @@ def test_broken_checkpoints(tiny, tmp_path, damage, needle):
         (m / "config.json").write_text("{not json")
     elif damage == "unsupported":
         cfg = json.loads((m / "config.json").read_text())
-        cfg["time_embedding_type"] = "fourier"
+        cfg["time_embedding_type"] = "sinusoidal"
         (m / "config.json").write_text(json.dumps(cfg))
     elif damage == "mismatch":
         cfg = json.loads((m / "config.json").read_text())
