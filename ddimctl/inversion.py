@@ -60,11 +60,11 @@ def invert_ddim(
         raise TypeError("exact inversion needs a denoiser with frozen_jacobian(a, b) (e.g. ddimctl.Denoiser)")
     stats = stats if stats is not None else InversionStats()
     ts = model_times(plan, x0)
-    B, S = x0.shape[0], len(plan)
+    S = len(plan)
     x = x0
     for n, j in enumerate(range(S - 1, -1, -1)):
         a_from, b_from, a, b = plan.a[j + 1], plan.b[j + 1], plan.a[j], plan.b[j]
-        t = ts[j].expand(B)
+        t = ts[j : j + 1]
         pred_x0, pred_eps = denoise(x, t, a_from, b_from)
         stats.model_calls += 1
         x_new = ddim_step(pred_x0, pred_eps, a, b)

@@ -44,6 +44,7 @@ class SamplingOptions:
     max_iter: int = 50
     clip_sample: bool | None = None  # None: the checkpoint's
     channels_last: bool = False  # feed the model channels-last inputs (the model's weights should be too)
+    deterministic: bool = False  # each sample in its own fixed-shape forward: results independent of batching
 
     def resolved_spacing(self, settings: SamplerSettings) -> str:
         if self.spacing is not None:
@@ -146,7 +147,30 @@ class Engine:
         x_in = x.to(self.model_dtype)
         if self.options.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
-        return self.model(x_in, t).to(x.dtype).contiguous()
+        out = self._per_sample(x_in, t) if self.options.deterministic else self.model(x_in, t)
+        return out.to(x.dtype).contiguous()
+
+    def _per_sample(self, x: Tensor, t: Tensor) -> Tensor:
+        """The model on each sample alone, each in fresh memory: the result of sample i depends on nothing but its
+        own input, whatever the batch it came in, its position, the batch size or the number of processes.
+
+        On the CPU the kernels' rounding also depends on how many threads split an operation, so each sample runs
+        single-threaded, in a pool of worker threads (as many as torch's intra-op threads: the same parallelism,
+        across samples instead of within each operation). Measured: benchmarks/bench_deterministic.py.
+        """
+        def one(i: int) -> Tensor:
+            ti = t[i : i + 1] if t.shape[0] > 1 else t
+            return self.model(x[i : i + 1].clone(), ti.clone())
+
+        if x.device.type != "cpu":
+            return torch.cat([one(i) for i in range(x.shape[0])])
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def work(i: int) -> Tensor:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return one(i)
+
+        return torch.cat(list(_cpu_workers().map(work, range(x.shape[0]))))
 
     @property
     def spacing(self) -> str:
@@ -245,6 +269,22 @@ class Engine:
             return end.tensor[:1].to(self.device)
         x_T, _ = self.invert(end.tensor[:1])
         return x_T
+
+
+_WORKERS: list = []
+
+
+def _single_threaded() -> None:
+    torch.set_num_threads(1)  # per OS thread: the caller keeps its own setting
+
+
+def _cpu_workers():
+    """The process's pool of single-threaded workers for deterministic CPU forwards (made once, on first use)."""
+    if not _WORKERS:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _WORKERS.append(ThreadPoolExecutor(max(1, torch.get_num_threads()), "ddimctl-det", _single_threaded))
+    return _WORKERS[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

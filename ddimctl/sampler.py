@@ -2,8 +2,10 @@
 
 Every function takes a ``denoise(x_t, t, a, b) -> (x0_hat, eps_hat)`` callable (see
 :class:`ddimctl.prediction.Denoiser`), a tensor ``x`` of shape (B, ...) and a
-:class:`ddimctl.schedule.SamplingPlan`; none touches files, devices or the terminal. Progress goes to an
-optional ``callback(info: dict)``, called after every step with ``step``, ``total``, ``x`` and ``x0``.
+:class:`ddimctl.schedule.SamplingPlan`; none touches files, devices or the terminal. ``t`` is the model time
+shared by the whole batch, shape (1,): a model computes its time embedding once, so no sample's result depends on
+the batch through it. Progress goes to an optional ``callback(info: dict)``, called after every step with
+``step``, ``total``, ``x`` and ``x0``.
 
 The DDIM step (Song, Meng & Ermon 2021, eq. 12, with sigma from eq. 16) is written once, for any process
 ``x_t = a_t x0 + b_t eps``, so it serves VP (DDPM) and rectified-flow models alike. The paper's alpha_t is
@@ -153,10 +155,10 @@ def sample_ddim(
     if eta > 0 and (generators is None or len(generators) != x.shape[0]):
         raise ValueError("eta > 0 needs one generator per sample")
     ts = model_times(plan, x)
-    B, S = x.shape[0], len(plan)
+    S = len(plan)
     for k in range(S):
         a_t, b_t, a_prev, b_prev = plan.a[k], plan.b[k], plan.a[k + 1], plan.b[k + 1]
-        pred_x0, pred_eps = denoise(x, ts[k].expand(B), a_t, b_t)
+        pred_x0, pred_eps = denoise(x, ts[k : k + 1], a_t, b_t)
         sigma_t = ddim_sigma(a_t, b_t, a_prev, b_prev, eta)
         z = randn(generators, x.shape[1:], x.dtype, x.device) if sigma_t > 0 else None
         x = ddim_step(pred_x0, pred_eps, a_prev, b_prev, sigma_t, z)
@@ -193,11 +195,11 @@ def sample_dpmpp_2m(denoise: Denoise, x: Tensor, plan: SamplingPlan, callback: C
     extrapolation is worst.
     """
     ts = model_times(plan, x)
-    B, S = x.shape[0], len(plan)
+    S = len(plan)
     x0_prev, h_prev = None, math.inf
     for k in range(S):
         a, b, a_to, b_to = plan.a[k], plan.b[k], plan.a[k + 1], plan.b[k + 1]
-        x0, _ = denoise(x, ts[k].expand(B), a, b)
+        x0, _ = denoise(x, ts[k : k + 1], a, b)
         last = k == S - 1
         x, h = dpmpp_2m_update(x, x0, None if last else x0_prev, a, b, a_to, b_to, h_prev)
         x0_prev, h_prev = x0, h

@@ -31,14 +31,23 @@ def plan_outputs(paths: list[Path], overwrite: bool, skip_existing: bool) -> lis
     return [plan_output(p, overwrite, skip_existing) == "write" for p in paths]
 
 
-def my_share(paths: list[Path], overwrite: bool, skip_existing: bool) -> list[int]:
-    """Indices of ``paths`` this process produces: its share under torchrun (by index), minus the outputs that
-    ``--skip-existing`` keeps. Each rank checks only its own share (the others may be writing theirs)."""
+def plan_batches(paths: list[Path], overwrite: bool, skip_existing: bool, batch_size: int
+                 ) -> tuple[list[list[int]], list[int]]:
+    """This process's batches (lists of indices into ``paths``) and the indices whose outputs it writes.
+
+    The share is by index under torchrun; each rank checks only its own (the others may be writing theirs).
+    Batches are cut from the whole share *before* existing outputs are skipped, so a run completed with
+    ``--skip-existing`` computes every image in the very batch, of the same size and at the same position, as the
+    run it completes, and writes only the missing ones: byte-identical even where the model's arithmetic depends on
+    its batch. A batch whose outputs all exist is not computed.
+    """
     from ..devices import rank_world
-    from ..pipeline import shard
+    from ..pipeline import batches, shard
 
     mine = shard(list(range(len(paths))), *rank_world())
-    return [i for i, go in zip(mine, plan_outputs([paths[i] for i in mine], overwrite, skip_existing)) if go]
+    todo = [i for i, go in zip(mine, plan_outputs([paths[i] for i in mine], overwrite, skip_existing)) if go]
+    wanted = set(todo)
+    return [list(c) for c in batches(mine, batch_size) if wanted.intersection(c)], todo
 
 
 def image_paths(specs: list[str]) -> list[Path]:

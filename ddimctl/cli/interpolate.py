@@ -12,8 +12,8 @@ from ..errors import NumericsError
 from .app import command
 from .common import finite_or_note, load_engine, plan_outputs, report_doc
 from .options import (
-    DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, DeviceOpt, DtypeOpt, InversionOpt, JsonOpt, ModelOpt, OutOpt,
-    OverwriteOpt, QuietOpt, SamplerOpt, SpacingOpt, StepsOpt,
+    DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, DeterministicOpt, DeviceOpt, DtypeOpt, InversionOpt, JsonOpt,
+    ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SpacingOpt, StepsOpt,
 )
 from .output import Reporter
 
@@ -33,6 +33,7 @@ def interpolate(
     out: OutOpt = Path("interpolation"),
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    deterministic: DeterministicOpt = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -53,8 +54,9 @@ def interpolate(
     from ..sampler import slerp
 
     rep = Reporter(json_out, quiet)
-    engine = load_engine(model, device, dtype, SamplingOptions(steps=steps, sampler=sampler, spacing=spacing,
-                                                               inversion=inversion), False, rep)
+    options = SamplingOptions(steps=steps, sampler=sampler, spacing=spacing, inversion=inversion,
+                              deterministic=deterministic)
+    engine = load_engine(model, device, dtype, options, False, rep)
     ends = [parse_end(spec, engine.image_shape) for spec in (a, b)]
     for end in ends:
         for n in end.notes:

@@ -11,10 +11,10 @@ import typer
 from .. import DEFAULT_MODEL
 from ..errors import NumericsError
 from .app import command
-from .common import finite_or_note, image_paths, load_engine, load_images, my_share, output_names, plan_outputs, report_doc
+from .common import finite_or_note, image_paths, load_engine, load_images, output_names, plan_batches, plan_outputs, report_doc
 from .options import (
-    DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, DeviceOpt, DtypeOpt, InversionOpt, JsonOpt, MaxIterOpt,
-    ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SkipExistingOpt, SpacingOpt, StepsOpt, TolOpt,
+    DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, DeterministicOpt, DeviceOpt, DtypeOpt, InversionOpt, JsonOpt,
+    MaxIterOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SkipExistingOpt, SpacingOpt, StepsOpt, TolOpt,
 )
 from .output import Reporter
 
@@ -35,6 +35,7 @@ def invert(
     out: OutOpt = Path("latents"),
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    deterministic: DeterministicOpt = False,
     overwrite: OverwriteOpt = False,
     skip_existing: SkipExistingOpt = False,
     json_out: JsonOpt = False,
@@ -45,9 +46,10 @@ def invert(
 
     rep = Reporter(json_out, quiet)
     job = _InversionJob(images, out, SUFFIX, rep)
-    engine = job.start(model, device, dtype, steps, spacing, sampler, inversion, tol, max_iter, overwrite, skip_existing)
-    with rep.progress("inverting", len(job.work) * len(engine.plan)) as bar:
-        for chunk, x0, infos in job.batches(batch_size):
+    engine = job.start(model, device, dtype, batch_size, overwrite, skip_existing, steps=steps, spacing=spacing,
+                       sampler=sampler, inversion=inversion, tol=tol, max_iter=max_iter, deterministic=deterministic)
+    with rep.progress("inverting", job.computed * len(engine.plan)) as bar:
+        for chunk, x0, infos in job.run():
             x_T, stats = engine.invert(x0, lambda info: bar.advance(len(chunk)))
             x_T = x_T.float().cpu()
             ok = finite_or_note(x_T, [str(job.paths[i]) for i in chunk], rep)
@@ -72,6 +74,7 @@ def reconstruct(
     out: OutOpt = Path("reconstructions"),
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    deterministic: DeterministicOpt = False,
     overwrite: OverwriteOpt = False,
     skip_existing: SkipExistingOpt = False,
     json_out: JsonOpt = False,
@@ -83,10 +86,11 @@ def reconstruct(
     rep = Reporter(json_out, quiet)
     job = _InversionJob(images, out, ".png", rep)
     compares = [out / f"{p.stem}.compare.png" for p in job.paths]
-    engine = job.start(model, device, dtype, steps, spacing, sampler, inversion, tol, max_iter, overwrite, skip_existing)
+    engine = job.start(model, device, dtype, batch_size, overwrite, skip_existing, steps=steps, spacing=spacing,
+                       sampler=sampler, inversion=inversion, tol=tol, max_iter=max_iter, deterministic=deterministic)
     plan_outputs([compares[i] for i in job.work], overwrite, False)
-    with rep.progress("reconstructing", len(job.work) * 2 * len(engine.plan)) as bar:
-        for chunk, x0, infos in job.batches(batch_size):
+    with rep.progress("reconstructing", job.computed * 2 * len(engine.plan)) as bar:
+        for chunk, x0, infos in job.run():
             rec = engine.reconstruct(x0, lambda info: bar.advance(len(chunk)))
             names = [str(job.paths[i]) for i in chunk]
             ok = [a and b for a, b in zip(finite_or_note(rec.x_T, names, rep), finite_or_note(rec.x0, names, rep))]
@@ -117,30 +121,32 @@ class _InversionJob:
         self.records: list[dict[str, Any]] = []
         self.failed: list[str] = []
 
-    def start(self, model, device, dtype, steps, spacing, sampler, inversion, tol, max_iter, overwrite, skip_existing):
+    def start(self, model: str, device: str, dtype: str, batch_size: int, overwrite: bool, skip_existing: bool,
+              **options: Any):
         """Build the engine and plan the outputs, refusing whatever cannot be done before any work."""
         from ..fsutil import check_writable_dir
         from ..pipeline import SamplingOptions
 
-        options = SamplingOptions(steps=steps, sampler=sampler, spacing=spacing, inversion=inversion, tol=tol,
-                                  max_iter=max_iter)
-        self.options = options
-        self.engine = load_engine(model, device, dtype, options, False, self.rep)
+        self.options = SamplingOptions(**options)
+        self.engine = load_engine(model, device, dtype, self.options, False, self.rep)
         self.engine.check_invertible()
         check_writable_dir(self.out)
-        self.work = my_share(self.targets, overwrite, skip_existing)
+        self.batches, self.work = plan_batches(self.targets, overwrite, skip_existing, batch_size)
+        self.writes = set(self.work)
+        self.computed = sum(map(len, self.batches))
         return self.engine
 
-    def batches(self, batch_size: int):
-        """(indices, images (B, C, H, W), infos) for each batch of this process's work."""
-        from ..pipeline import batches
-
-        for chunk in batches(self.work, batch_size):
+    def run(self):
+        """(indices, images (B, C, H, W), infos) for each batch this process computes."""
+        for chunk in self.batches:
             x0, infos = load_images([self.paths[i] for i in chunk], self.engine, self.rep)
             yield chunk, x0, infos
 
     def keep(self, ok: bool, i: int, info: dict, calls: int, stats, **extra: Any) -> bool:
-        """Record image i's result (calls: batched model evaluations for its batch); False when it failed."""
+        """Record image i's result (calls: batched model evaluations for its batch); False when it failed or was
+        computed only to keep its batch as the run being completed had it (its output exists)."""
+        if i not in self.writes:
+            return False
         if not ok:
             self.failed.append(str(self.paths[i]))
             return False

@@ -65,6 +65,14 @@ ChannelsLastOpt = Annotated[
     bool, typer.Option("--channels-last", help="Run the model in channels-last memory format (often faster on GPUs).")
 ]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model (falls back if it cannot).")]
+DeterministicOpt = Annotated[
+    bool,
+    typer.Option(
+        "--deterministic",
+        help="Byte-identical results whatever --batch-size, --n, position in the batch or number of torchrun "
+        "processes (on the same kind of device): each image gets its own model call. Costs speed, see README.",
+    ),
+]
 
 
 DEFAULT_STEPS = 50

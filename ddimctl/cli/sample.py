@@ -10,11 +10,11 @@ import typer
 from .. import DEFAULT_MODEL
 from ..errors import DdimctlError, NumericsError
 from .app import command
-from .common import finite_or_note, load_engine, my_share, plan_outputs, report_doc
+from .common import finite_or_note, load_engine, plan_batches, plan_outputs, report_doc
 from .options import (
-    DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, ChannelsLastOpt, ClipOpt, CompileOpt, DeviceOpt, DtypeOpt,
-    EtaOpt, JsonOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SeedOpt, SkipExistingOpt, SpacingOpt,
-    StepsOpt,
+    DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, ChannelsLastOpt, ClipOpt, CompileOpt, DeterministicOpt,
+    DeviceOpt, DtypeOpt, EtaOpt, JsonOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SeedOpt,
+    SkipExistingOpt, SpacingOpt, StepsOpt,
 )
 from .output import Reporter
 
@@ -39,6 +39,7 @@ def sample(
     dtype: DtypeOpt = "auto",
     compile_model: CompileOpt = False,
     channels_last: ChannelsLastOpt = False,
+    deterministic: DeterministicOpt = False,
     overwrite: OverwriteOpt = False,
     skip_existing: SkipExistingOpt = False,
     json_out: JsonOpt = False,
@@ -60,15 +61,15 @@ def sample(
         x_given, _ = load_latents(latents)
         n = x_given.shape[0]
     options = SamplingOptions(steps=steps, eta=eta, sampler=sampler, spacing=spacing, clip_sample=clip_sample,
-                              channels_last=channels_last)
+                              channels_last=channels_last, deterministic=deterministic)
     engine = load_engine(model, device, dtype, options, compile_model, rep)
     if x_given is not None:
         from ..latents import check_shape
 
         check_shape(x_given, engine.image_shape, latents)
     job = _SampleJob(engine, rep, out, [f"{i:06d}" for i in range(n)], seed, fmt, grid, save_latents)
-    job.plan(overwrite, skip_existing)
-    job.run(batch_size, x_given)
+    job.plan(overwrite, skip_existing, batch_size)
+    job.run(x_given)
     job.finish()
 
 
@@ -85,14 +86,17 @@ class _SampleJob:
         self.kept: dict[int, Any] = {}
         self.failed: list[str] = []
 
-    def plan(self, overwrite: bool, skip_existing: bool) -> None:
+    def plan(self, overwrite: bool, skip_existing: bool, batch_size: int) -> None:
         from ..fsutil import check_writable_dir
+        from ..pipeline import batches
 
         check_writable_dir(self.out)
         if self.fmt == "png":
-            self.work = my_share(self.pngs, overwrite, skip_existing)
+            self.batches, self.work = plan_batches(self.pngs, overwrite, skip_existing, batch_size)
         else:
             self.work = list(range(len(self.names))) if plan_outputs([self.stacked], overwrite, skip_existing)[0] else []
+            self.batches = [list(c) for c in batches(self.work, batch_size)]
+        self.writes = set(self.work)
         if self.save_latents:
             plan_outputs([self._latent_path(i) for i in self.work], overwrite, False)
         if self.grid is not None:
@@ -103,11 +107,9 @@ class _SampleJob:
 
         return self.out / f"{self.names[i]}{SUFFIX}"
 
-    def run(self, batch_size: int, x_given) -> None:
-        from ..pipeline import batches
-
-        with self.rep.progress("sampling", len(self.work) * len(self.engine.plan)) as bar:
-            for chunk in batches(self.work, batch_size):
+    def run(self, x_given) -> None:
+        with self.rep.progress("sampling", sum(map(len, self.batches)) * len(self.engine.plan)) as bar:
+            for chunk in self.batches:
                 given = x_given[list(chunk)] if x_given is not None else None
                 x_T, x0 = self.engine.generate([self.seed + i for i in chunk], given, lambda info: bar.advance(len(chunk)))
                 self._write(chunk, x_T, x0.float().cpu())
@@ -118,6 +120,8 @@ class _SampleJob:
 
         ok = finite_or_note(x0, [f"image {self.names[i]} (seed {self.seed + i})" for i in chunk], self.rep)
         for j, i in enumerate(chunk):
+            if i not in self.writes:  # computed only to keep the batch the run being completed had
+                continue
             if not ok[j]:
                 self.failed.append(self.names[i])
                 continue
