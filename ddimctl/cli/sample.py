@@ -53,12 +53,15 @@ def sample(
     rep = Reporter(json_out, quiet)
     if rank_world()[1] > 1 and (fmt == "safetensors" or grid is not None):
         raise DdimctlError("--format safetensors and --grid need every image in one process; run without torchrun")
-    x_given = None
+    x_given = x_prev = None
     if latents is not None:
-        from ..latents import load_latents
+        from ..latents import load_latent_pair
 
-        x_given, _ = load_latents(latents)
+        x_given, x_prev, meta = load_latent_pair(latents)
         n = x_given.shape[0]
+        if spacing is None and meta.get("spacing"):
+            spacing = meta["spacing"]  # decode with the plan the latents were made with
+            rep.note(f"{latents}: spacing {spacing}, as recorded in the file")
     options = SamplingOptions(steps=steps, eta=eta, sampler=sampler, spacing=spacing, clip_sample=clip_sample,
                               channels_last=channels_last)
     engine = load_engine(model, device, dtype, options, compile_model, rep)
@@ -66,10 +69,25 @@ def sample(
         from ..latents import check_shape
 
         check_shape(x_given, engine.image_shape, latents)
+        if x_prev is not None:
+            check_pair(latents, meta, engine)
     job = _SampleJob(engine, rep, out, [f"{i:06d}" for i in range(n)], seed, fmt, grid, save_latents)
     job.plan(overwrite, skip_existing)
-    job.run(batch_size, x_given)
+    job.run(batch_size, x_given, x_prev)
     job.finish()
+
+
+def check_pair(path, meta: dict, engine) -> None:
+    """Refuse a latent pair (bdia) that this engine would not decode as it was made: another sampler, or another
+    plan (the pair is two states of one plan)."""
+    from ..errors import InputError
+
+    if not engine.pair_latents:
+        raise InputError(f"{path}: holds a latent pair (x_T, x_T-1) made by bdia; decode it with --sampler bdia")
+    made = (meta.get("steps"), meta.get("spacing"))
+    if made[0] is not None and made != (str(engine.options.steps), engine.spacing):
+        raise InputError(f"{path}: a bdia latent pair made with --steps {made[0]} --spacing {made[1]}; decode it "
+                         f"with the same")
 
 
 class _SampleJob:
@@ -103,13 +121,15 @@ class _SampleJob:
 
         return self.out / f"{self.names[i]}{SUFFIX}"
 
-    def run(self, batch_size: int, x_given) -> None:
+    def run(self, batch_size: int, x_given, x_prev=None) -> None:
         from ..pipeline import batches
 
         with self.rep.progress("sampling", len(self.work) * len(self.engine.plan)) as bar:
             for chunk in batches(self.work, batch_size):
                 given = x_given[list(chunk)] if x_given is not None else None
-                x_T, x0 = self.engine.generate([self.seed + i for i in chunk], given, lambda info: bar.advance(len(chunk)))
+                given_prev = x_prev[list(chunk)] if x_prev is not None else None
+                x_T, x0 = self.engine.generate([self.seed + i for i in chunk], given, lambda info: bar.advance(len(chunk)),
+                                               given_prev)
                 self._write(chunk, x_T, x0.float().cpu())
 
     def _write(self, chunk, x_T, x0) -> None:
