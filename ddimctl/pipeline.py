@@ -249,25 +249,32 @@ class Engine:
         self.check_invertible()
         stats = InversionStats()
         x, x_prev = INVERT_FUNCTIONS[self.options.sampler](
-            self.ode_denoiser, x0.to(self.device, torch.float32), self.plan, self.options.inversion == "exact",
+            self.ode_denoiser, x0.to(self.device, self._state_dtype), self.plan, self.options.inversion == "exact",
             self.options.tol, self.options.max_iter, callback, stats,
         )
-        stats.latents_prev = x_prev
+        stats.latents_prev = x_prev  # kept in the state's dtype: a bdia pair rounded to float32 decodes ~1e-4 off
         return x, stats
+
+    @property
+    def _state_dtype(self) -> torch.dtype:
+        """The sampler state's dtype: float32, float64 for a pair sampler, whose inverse recursion subtracts nearly
+        equal states (the model still runs in its own dtype; float64 states round to the same float32 inputs in
+        both directions, so a round trip is exact to float64 rounding)."""
+        return torch.float64 if self.pair_latents and self.device.type != "mps" else torch.float32
 
     @torch.inference_mode()
     def decode(self, x_T: Tensor, callback=None, x_prev: Tensor | None = None, denoiser=None) -> Tensor:
         """The eta = 0 sample of x_T with this sampler, without clipping (the inverse of :meth:`invert`;
         reconstruct, interpolate). ``x_prev``: the second state of a pair latent (bdia only)."""
         denoiser = denoiser if denoiser is not None else self.ode_denoiser
-        x = x_T.to(self.device, torch.float32)
+        x = x_T.to(self.device, x_T.dtype if x_T.dtype == torch.float64 else torch.float32)
         if self.pair_latents:
-            x_next = None if x_prev is None else x_prev.to(self.device, torch.float32)
-            return sample_bdia(denoiser, x, self.plan, x_next, callback=callback)
+            x_next = None if x_prev is None else x_prev.to(self.device, self._state_dtype)
+            return sample_bdia(denoiser, x.to(self._state_dtype), self.plan, x_next, callback=callback).float()
         if x_prev is not None:
             raise SettingError(("sampler", self.options.sampler),
                                f"a latent pair (x_T, x_T-1) decodes only with --sampler {PAIR_SAMPLERS[0]}")
-        return sample(denoiser, x, self.plan, self.options.sampler, 0.0, None, callback)
+        return sample(denoiser, x.float(), self.plan, self.options.sampler, 0.0, None, callback)
 
     def decode_calls(self, pair: bool = False) -> int:
         """Model calls :meth:`decode` makes per batch (one fewer from a bdia pair: its first state is given)."""
