@@ -1,7 +1,9 @@
 """Latent files: x_T tensors with where they came from, as ``.safetensors``.
 
 A latent file holds one tensor named ``latents``, float32, shape (N, C, H, W) (``invert`` and ``sample
---save-latents`` write one image per file, N = 1), and string metadata: ``ddimctl_version`` and what produced
+--save-latents`` write one image per file, N = 1) -- and, for a sampler whose latent is a pair of states (bdia:
+x_T and x_{T-1}), a second tensor ``latents_prev`` of the same shape, with metadata ``latents_prev`` saying so --
+and string metadata: ``ddimctl_version`` and what produced
 it — the model reference and revision, steps, spacing, sampler, inversion method, prediction type, and per
 image its seed or source file and original size. Non-string values are stored as JSON.
 
@@ -25,6 +27,7 @@ from torch import Tensor
 from .errors import InputError, first_line
 
 LATENTS_KEY = "latents"
+PREV_KEY = "latents_prev"
 SUFFIX = ".latent.safetensors"
 
 
@@ -37,20 +40,39 @@ def metadata_strings(values: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def save_latents(path: str | os.PathLike, latents: Tensor, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write ``latents`` ((C, H, W) or (N, C, H, W), any device) as float32 with ``metadata``, atomically."""
+def save_latents(path: str | os.PathLike, latents: Tensor, metadata: Mapping[str, Any] | None = None,
+                 latents_prev: Tensor | None = None) -> Path:
+    """Write ``latents`` ((C, H, W) or (N, C, H, W), any device) as float32 with ``metadata``, atomically; and
+    ``latents_prev`` (same shape), the second state of a pair latent, when given."""
     from .fsutil import save_safetensors_atomic
 
-    x = latents.detach().float().cpu()
-    if x.ndim == 3:
-        x = x.unsqueeze(0)
-    if x.ndim != 4:
-        raise ValueError(f"latents must be (C, H, W) or (N, C, H, W), got shape {tuple(latents.shape)}")
-    return save_safetensors_atomic(path, {LATENTS_KEY: x.contiguous()}, metadata_strings(metadata or {}))
+    def as4d(t: Tensor) -> Tensor:
+        x = t.detach().float().cpu()
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.ndim != 4:
+            raise ValueError(f"latents must be (C, H, W) or (N, C, H, W), got shape {tuple(t.shape)}")
+        return x.contiguous()
+
+    tensors = {LATENTS_KEY: as4d(latents)}
+    meta = dict(metadata or {})
+    if latents_prev is not None:
+        tensors[PREV_KEY] = as4d(latents_prev)
+        if tensors[PREV_KEY].shape != tensors[LATENTS_KEY].shape:
+            raise ValueError("latents_prev must have the shape of latents")
+        meta[PREV_KEY] = "x_{T-1}, the second state of the latent pair (decode with the bdia sampler)"
+    return save_safetensors_atomic(path, tensors, metadata_strings(meta))
 
 
 def load_latents(path: str | os.PathLike) -> tuple[Tensor, dict[str, str]]:
     """The ``latents`` tensor of a latent file as float32 (N, C, H, W), and its metadata."""
+    x, _, meta = load_latent_pair(path)
+    return x, meta
+
+
+def load_latent_pair(path: str | os.PathLike) -> tuple[Tensor, Tensor | None, dict[str, str]]:
+    """``latents`` and ``latents_prev`` (None when the file has no second state) as float32 (N, C, H, W), and
+    the metadata."""
     from safetensors import SafetensorError, safe_open
 
     p = Path(path)
@@ -60,6 +82,7 @@ def load_latents(path: str | os.PathLike) -> tuple[Tensor, dict[str, str]]:
             if LATENTS_KEY not in names:
                 raise InputError(f"{p}: no tensor named '{LATENTS_KEY}' (found: {', '.join(sorted(names)) or 'none'})")
             x = f.get_tensor(LATENTS_KEY).float()
+            x_prev = f.get_tensor(PREV_KEY).float() if PREV_KEY in names else None
             meta = dict(f.metadata() or {})
     except FileNotFoundError:
         raise InputError(f"{p}: no such file") from None
@@ -73,7 +96,14 @@ def load_latents(path: str | os.PathLike) -> tuple[Tensor, dict[str, str]]:
         raise InputError(f"{p}: '{LATENTS_KEY}' has shape {tuple(x.shape)}, expected (N, C, H, W)")
     if not torch.isfinite(x).all():
         raise InputError(f"{p}: '{LATENTS_KEY}' holds NaN or inf values")
-    return x, meta
+    if x_prev is not None:
+        if x_prev.ndim == 3:
+            x_prev = x_prev.unsqueeze(0)
+        if x_prev.shape != x.shape:
+            raise InputError(f"{p}: '{PREV_KEY}' has shape {tuple(x_prev.shape)}, '{LATENTS_KEY}' {tuple(x.shape)}")
+        if not torch.isfinite(x_prev).all():
+            raise InputError(f"{p}: '{PREV_KEY}' holds NaN or inf values")
+    return x, x_prev, meta
 
 
 def check_shape(x: Tensor, shape: tuple[int, ...], path: str | os.PathLike) -> Tensor:

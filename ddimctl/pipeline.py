@@ -22,13 +22,24 @@ import torch
 from torch import Tensor
 
 from .errors import InputError, SettingError
-from .inversion import InversionStats, invert_ddim
+from .inversion import INVERT_FUNCTIONS, InversionStats
 from .prediction import Denoiser
-from .sampler import SAMPLERS, make_generators, randn, sample
+from .sampler import SAMPLERS, ddim_step, make_generators, model_times, randn, sample, sample_bdia
 from .schedule import SPACINGS, SamplingPlan
 from .settings import SamplerSettings
 
 INVERSIONS = ("exact", "plain")
+#: Samplers whose latent is a pair (x_T, x_{T-1}) of states rather than x_T alone.
+PAIR_SAMPLERS = ("bdia",)
+
+
+def inversion_spacing(settings: SamplerSettings) -> str:
+    """The spacing that invert, reconstruct and interpolate use when none is given: ``logsnr``, where every step
+    changes sigma = b / a by the same ratio (about 2.9 at 10 steps on the built-in DDPM model) and the step next
+    to the data is tiny (sigma 0.01, 0.001 for flow), so no inverse step is much harder than its neighbours.
+    ``leading`` makes the step next to the data 23x in sigma, and rectified flow's uniform grid starts at sigma
+    0.1: there the fixed point stalls (benchmarks/inversion.py measures both)."""
+    return "logsnr"
 
 
 @dataclass(kw_only=True)
@@ -40,15 +51,18 @@ class SamplingOptions:
     sampler: str = "ddim"
     spacing: str | None = None  # None: the checkpoint's (logsnr for dpm++2m on VP models)
     inversion: str = "exact"  # "exact" | "plain"
-    tol: float = 1e-5
+    tol: float = 3e-3  # exact inversion: RMS error (model units) it may leave in the decoded image
     max_iter: int = 50
     clip_sample: bool | None = None  # None: the checkpoint's
     channels_last: bool = False  # feed the model channels-last inputs (the model's weights should be too)
     deterministic: bool = False  # each sample in its own fixed-shape forward: results independent of batching
+    inverting: bool = False  # the job inverts images (default spacing: inversion_spacing)
 
     def resolved_spacing(self, settings: SamplerSettings) -> str:
         if self.spacing is not None:
             return self.spacing
+        if self.inverting:
+            return inversion_spacing(settings)
         # DPM-Solver++(2M) extrapolates in log-SNR: steps uniform in it suit VP models (benchmarks/accuracy.py);
         # rectified flow's own uniform-sigma (trailing) grid measured better there.
         if self.sampler == "dpm++2m" and settings.kind == "vp":
@@ -65,6 +79,13 @@ class SamplingOptions:
             raise SettingError(("inversion", self.inversion), f"expected one of {', '.join(INVERSIONS)}")
         if self.sampler == "dpm++2m" and self.eta != 0:
             raise SettingError(("eta", self.eta), "the dpm++2m sampler is deterministic (use eta 0, or the ddim sampler)")
+        if self.sampler == "bdia" and self.eta != 0:
+            raise SettingError(("eta", self.eta), "the bdia sampler is deterministic (use eta 0, or the ddim sampler)")
+        if self.sampler == "bdia" and self.steps < 2:
+            raise SettingError(("steps", self.steps), "the bdia sampler needs at least 2 steps")
+        if self.sampler == "bdia" and self.inversion == "plain":
+            raise SettingError([("sampler", self.sampler), ("inversion", self.inversion)],
+                               "the bdia sampler inverts exactly by construction: use exact inversion")
 
 
 @dataclass
@@ -79,6 +100,7 @@ class Reconstruction:
     psnr: Tensor
     stats: InversionStats
     decode_calls: int = 0
+    x_prev: Tensor | None = None  # the latent's second state, for a pair sampler (bdia)
 
     @property
     def model_calls(self) -> int:
@@ -216,7 +238,8 @@ class Engine:
         return randn(make_generators(seeds), self.image_shape, torch.float32, self.device)
 
     @torch.inference_mode()
-    def generate(self, seeds: Sequence[int], x_T: Tensor | None = None, callback=None) -> tuple[Tensor, Tensor]:
+    def generate(self, seeds: Sequence[int], x_T: Tensor | None = None, callback=None,
+                 x_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Sample a batch: returns (x_T, x0), each (B, C, H, W) float32, x0 in the model's data range.
 
         Sample i draws from one generator seeded ``seeds[i]``: first its x_T, then (eta > 0) the noise of each step.
@@ -226,49 +249,110 @@ class Engine:
         gens = make_generators(seeds)
         drawn = randn(gens, self.image_shape, torch.float32, self.device)
         x = drawn if x_T is None else x_T.to(self.device, torch.float32)
+        if x_prev is not None:  # a latent pair: only the pair sampler reads it (Engine.decode checks the sampler)
+            return x, self.decode(x, callback, x_prev, denoiser=self.denoiser)
         x0 = sample(self.denoiser, x, self.plan, self.options.sampler, self.options.eta,
                     gens if self.options.eta > 0 else None, callback)
         return x, x0
 
+    @property
+    def pair_latents(self) -> bool:
+        """Whether this sampler's latent is a pair (x_T, x_{T-1}) (:data:`PAIR_SAMPLERS`)."""
+        return self.options.sampler in PAIR_SAMPLERS
+
+    def check_latent_pair(self, path: Any, meta: dict[str, str]) -> None:
+        """Refuse a latent pair (x_T, x_T-1) from a pair sampler's latent file (``path``, with its metadata) that this
+        engine would not decode as it was made: another sampler, or another plan (the pair is two states of one
+        plan)."""
+        if not self.pair_latents:
+            raise InputError(f"{path}: holds a latent pair (x_T, x_T-1) made by {PAIR_SAMPLERS[0]}; decode it with "
+                             f"the {PAIR_SAMPLERS[0]} sampler")
+        made = (meta.get("steps"), meta.get("spacing"))
+        if made[0] is not None and made != (str(self.options.steps), self.spacing):
+            raise InputError(f"{path}: a {PAIR_SAMPLERS[0]} latent pair made with {made[0]} steps and {made[1]} "
+                             "spacing; decode it with the same")
+
     def check_invertible(self) -> None:
         """Refuse, before any work, a sampler that :meth:`invert` cannot retrace."""
-        if self.options.sampler != "ddim":
-            raise SettingError(("sampler", self.options.sampler), "inversion inverts the DDIM step; use the ddim sampler")
+        if self.options.sampler not in INVERT_FUNCTIONS:
+            raise SettingError(("sampler", self.options.sampler),
+                               f"no inversion for this sampler yet (invertible: {', '.join(INVERT_FUNCTIONS)})")
 
     @torch.inference_mode()
     def invert(self, x0: Tensor, callback=None) -> tuple[Tensor, InversionStats]:
-        """x_T (B, C, H, W) whose eta = 0 sample is x0, and what the inversion cost."""
+        """x_T (B, C, H, W) whose eta = 0 sample with this sampler is x0, and what the inversion cost. For a pair
+        sampler (bdia) ``stats.latents_prev`` holds the latent's second state x_{T-1}."""
         self.check_invertible()
         stats = InversionStats()
-        x = invert_ddim(
-            self.ode_denoiser, x0.to(self.device, torch.float32), self.plan, callback,
-            exact=self.options.inversion == "exact", tol=self.options.tol, max_iter=self.options.max_iter,
-            stats=stats,
+        x, x_prev = INVERT_FUNCTIONS[self.options.sampler](
+            self.ode_denoiser, x0.to(self.device, self._state_dtype), self.plan, self.options.inversion == "exact",
+            self.options.tol, self.options.max_iter, callback, stats,
         )
+        stats.latents_prev = x_prev  # kept in the state's dtype: a bdia pair rounded to float32 decodes ~1e-4 off
         return x, stats
 
+    @property
+    def _state_dtype(self) -> torch.dtype:
+        """The sampler state's dtype: float32, float64 for a pair sampler, whose inverse recursion subtracts nearly
+        equal states (the model still runs in its own dtype; float64 states round to the same float32 inputs in
+        both directions, so a round trip is exact to float64 rounding)."""
+        return torch.float64 if self.pair_latents and self.device.type != "mps" else torch.float32
+
     @torch.inference_mode()
-    def decode(self, x_T: Tensor, callback=None) -> Tensor:
-        """The eta = 0 sample of x_T, without clipping (the inverse of :meth:`invert`; reconstruct, interpolate)."""
-        return sample(self.ode_denoiser, x_T.to(self.device, torch.float32), self.plan, self.options.sampler, 0.0, None, callback)
+    def decode(self, x_T: Tensor, callback=None, x_prev: Tensor | None = None, denoiser=None) -> Tensor:
+        """The eta = 0 sample of x_T with this sampler, without clipping (the inverse of :meth:`invert`;
+        reconstruct, interpolate). ``x_prev``: the second state of a pair latent (bdia only)."""
+        denoiser = denoiser if denoiser is not None else self.ode_denoiser
+        x = x_T.to(self.device, x_T.dtype if x_T.dtype == torch.float64 else torch.float32)
+        if self.pair_latents:
+            x_next = None if x_prev is None else x_prev.to(self.device, self._state_dtype)
+            return sample_bdia(denoiser, x.to(self._state_dtype), self.plan, x_next, callback=callback).float()
+        if x_prev is not None:
+            raise SettingError(("sampler", self.options.sampler),
+                               f"a latent pair (x_T, x_T-1) decodes only with the {PAIR_SAMPLERS[0]} sampler")
+        return sample(denoiser, x.float(), self.plan, self.options.sampler, 0.0, None, callback)
+
+    def decode_calls(self, pair: bool = False) -> int:
+        """Model calls :meth:`decode` makes per batch (one fewer from a bdia pair: its first state is given)."""
+        return len(self.plan) - (1 if pair and self.pair_latents else 0)
 
     def reconstruct(self, x0: Tensor, callback=None) -> Reconstruction:
         """Invert images x0 (B, C, H, W) in [-1, 1], decode the latents again, and measure the error."""
         from .images import mse, psnr
 
         x_T, stats = self.invert(x0, callback)
-        rec = self.decode(x_T, callback)
+        x_prev = stats.latents_prev
+        rec = self.decode(x_T, callback, x_prev)
         target = x0.to(rec.device, rec.dtype)
-        return Reconstruction(x_T, rec, mse(rec, target), psnr(rec, target), stats, decode_calls=len(self.plan))
+        return Reconstruction(x_T, rec, mse(rec, target), psnr(rec, target), stats,
+                              decode_calls=self.decode_calls(x_prev is not None), x_prev=x_prev)
 
-    def end_latent(self, end: "End") -> Tensor:
-        """x_T (1, C, H, W) on the device for a parsed interpolation end (an image end is inverted here)."""
+    @torch.inference_mode()
+    def second_state(self, x_T: Tensor) -> Tensor:
+        """x_{T-1} = the DDIM step from x_T (one model call): a pair sampler's second state when only x_T is known
+        (a seed, or a latent file from another sampler); bdia's own first step."""
+        x = x_T.to(self.device, torch.float32)
+        ts = model_times(self.plan, x)
+        out = self.ode_denoiser(x, ts[0:1], self.plan.a[0], self.plan.b[0])
+        return ddim_step(out[0], out[1], self.plan.a[1], self.plan.b[1])
+
+    def end_latent(self, end: "End") -> tuple[Tensor, Tensor | None]:
+        """(x_T, x_{T-1} or None), each (1, C, H, W) on the device, for a parsed interpolation end (an image end is
+        inverted here). A pair sampler always gets the pair (x_{T-1} made by :meth:`second_state` if need be)."""
         if end.kind == "seed":
-            return self.noise([end.seed])
-        if end.kind == "latent":
-            return end.tensor[:1].to(self.device)
-        x_T, _ = self.invert(end.tensor[:1])
-        return x_T
+            x_T, x_prev = self.noise([end.seed]), None
+        elif end.kind == "latent":
+            x_T = end.tensor[:1].to(self.device)
+            x_prev = None if end.tensor_prev is None else end.tensor_prev[:1].to(self.device)
+        else:
+            x_T, stats = self.invert(end.tensor[:1])
+            x_prev = stats.latents_prev
+        if x_prev is not None and not self.pair_latents:
+            raise InputError(f"{end.spec}: holds a {PAIR_SAMPLERS[0]} latent pair; interpolate it with the "
+                             f"{PAIR_SAMPLERS[0]} sampler")
+        if self.pair_latents and x_prev is None:
+            x_prev = self.second_state(x_T)
+        return x_T, x_prev
 
 
 _WORKERS: list = []
@@ -301,6 +385,7 @@ class End:
     seed: int = 0
     tensor: Tensor | None = None
     notes: list[str] = field(default_factory=list)
+    tensor_prev: Tensor | None = None  # a latent file's second state (a bdia pair)
 
 
 def parse_end(spec: str, image_shape: tuple[int, int, int]) -> End:
@@ -312,10 +397,10 @@ def parse_end(spec: str, image_shape: tuple[int, int, int]) -> End:
         except ValueError:
             raise InputError(f"{spec}: expected seed:N with an integer N") from None
     if Path(spec).suffix == ".safetensors":
-        from .latents import check_shape, load_latents
+        from .latents import check_shape, load_latent_pair
 
-        x, _ = load_latents(spec)
-        return End(spec, "latent", tensor=check_shape(x, image_shape, spec))
+        x, x_prev, _ = load_latent_pair(spec)
+        return End(spec, "latent", tensor=check_shape(x, image_shape, spec), tensor_prev=x_prev)
     from .images import iter_image_paths, load_image
 
     (path,) = iter_image_paths([spec])[:1]

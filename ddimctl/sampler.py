@@ -214,10 +214,69 @@ def _sample_dpmpp_2m(denoise, x, plan, eta, generators, callback):
     return sample_dpmpp_2m(denoise, x, plan, callback)
 
 
+def bdia_step(x_other: Tensor, out: tuple[Tensor, Tensor], plan: SamplingPlan, k: int, gamma: float = 1.0,
+              inverse: bool = False) -> Tensor:
+    """One BDIA-DDIM step around state k (Zhang, Lewis & Kleijn 2023, arXiv 2307.10829, eq. 23 with eta = 0).
+
+    With ``F_{k->j} = ddim_step(x0_hat_k, eps_hat_k, a_j, b_j)`` the DDIM step from x_k to level j, using the
+    model's outputs ``out`` at x_k only::
+
+        x_{k+1} = gamma x_{k-1} - gamma F_{k->k-1} + F_{k->k+1}          (towards the data; x_other = x_{k-1})
+        x_{k-1} = (x_{k+1} - F_{k->k+1}) / gamma + F_{k->k-1}             (inverse=True; x_other = x_{k+1})
+
+    gamma = 0 is DDIM; gamma = 1 integrates symmetrically over [t_{k-1}, t_{k+1}] and keeps the inverse recursion's
+    parasitic root (-1/gamma) on the unit circle.
+    """
+    x0, eps = out
+    toward_data = ddim_step(x0, eps, plan.a[k + 1], plan.b[k + 1])
+    toward_noise = ddim_step(x0, eps, plan.a[k - 1], plan.b[k - 1])
+    if inverse:
+        return (x_other - toward_data) / gamma + toward_noise
+    return gamma * x_other - gamma * toward_noise + toward_data
+
+
+@sampling_function
+def sample_bdia(
+    denoise: Denoise,
+    x: Tensor,
+    plan: SamplingPlan,
+    x_next: Tensor | None = None,
+    gamma: float = 1.0,
+    callback: Callback | None = None,
+) -> Tensor:
+    """BDIA-DDIM: exactly invertible with one model call per step (:func:`bdia_step`); returns x0 (B, ...).
+
+    Its state is a pair: from noise x (level 0) the first step is a DDIM step to x_1; from a latent pair (x,
+    ``x_next`` = x_1, what :func:`ddimctl.inversion.invert_bdia` returns) it starts at step 1, one call fewer.
+    """
+    ts = model_times(plan, x)
+    B, S = x.shape[0], len(plan)
+    if x_next is None:
+        pred_x0, pred_eps = denoise(x, ts[0:1], plan.a[0], plan.b[0])
+        x_prev, x = x, ddim_step(pred_x0, pred_eps, plan.a[1], plan.b[1])
+    else:
+        x_prev, x, pred_x0 = x, x_next, x_next
+    if callback is not None:
+        callback({"step": 1, "total": S, "x": x, "x0": pred_x0})
+    for k in range(1, S):
+        out = denoise(x, ts[k : k + 1], plan.a[k], plan.b[k])
+        x_prev, x = x, bdia_step(x_prev, out, plan, k, gamma)
+        if callback is not None:
+            callback({"step": k + 1, "total": S, "x": x, "x0": out[0]})
+    return x
+
+
+def _sample_bdia(denoise, x, plan, eta, generators, callback):
+    if eta != 0:
+        raise ValueError("the bdia sampler is deterministic: use eta 0 (or the ddim sampler for eta > 0)")
+    return sample_bdia(denoise, x, plan, callback=callback)
+
+
 #: name -> f(denoise, x, plan, eta, generators, callback); every sampler reachable by name (``--sampler``).
 SAMPLE_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
     "ddim": sample_ddim,
     "dpm++2m": _sample_dpmpp_2m,
+    "bdia": _sample_bdia,
 }
 SAMPLERS = tuple(SAMPLE_FUNCTIONS)
 

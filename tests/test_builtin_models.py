@@ -42,7 +42,9 @@ def test_exact_inversion_reconstructs_heldout_digits_at_10_steps(name, heldout):
     ckpt = load(name)
     results = {}
     for inversion in ("plain", "exact"):
-        engine = Engine(ckpt.model, ckpt.settings, SamplingOptions(steps=10, inversion=inversion, tol=1e-5, max_iter=50), (1, 32, 32))
+        # as invert and reconstruct build it: inverting=True picks their default spacing (logsnr)
+        options = SamplingOptions(steps=10, inversion=inversion, tol=1e-5, max_iter=50, inverting=True)
+        engine = Engine(ckpt.model, ckpt.settings, options, (1, 32, 32))
         x_T, stats = engine.invert(heldout)
         results[inversion] = float(mse(engine.decode(x_T), heldout).mean())
     assert results["exact"] <= 1e-5, results  # per-dimension MSE, images in [0, 1]

@@ -140,7 +140,7 @@ def test_invert_writes_latents_with_metadata(tiny_rgb, tmp_path):
     assert lat.shape == (1, 3, 16, 16) and lat.dtype == torch.float32 and torch.isfinite(lat).all()
     assert meta["model"] == str(tiny_rgb) and meta["steps"] == "5" and meta["sampler"] == "ddim"
     assert meta["source"] == str(photo) and json.loads(meta["original_size"]) == [96, 64]
-    assert meta["spacing"] == "leading" and meta["inversion"] == "exact"
+    assert meta["spacing"] == "logsnr" and meta["inversion"] == "exact"
 
 
 def test_invert_reads_paths_from_stdin_and_directories(tiny_rgb, tmp_path):
@@ -294,8 +294,34 @@ def test_json_documents_are_strict_json():
     assert json.loads(json.dumps(doc, allow_nan=False)) == {"psnr": None, "mse": [0.5, None], "n": 3}
 
 
-def test_inversion_refuses_a_sampler_it_cannot_invert(tiny, tmp_path):
+def test_inversion_refuses_what_cannot_work(tiny, tmp_path):
     Image.new("L", (8, 8), 10).save(tmp_path / "a.png")
-    r = cli("reconstruct", tmp_path / "a.png", "-m", tiny, "--sampler", "dpm++2m", "--out", tmp_path / "o")
-    assert r.exit_code == 1 and "--sampler dpm++2m: inversion inverts the DDIM step" in r.stderr
+    r = cli("reconstruct", tmp_path / "a.png", "-m", tiny, "--sampler", "bdia", "--inversion", "plain", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "--inversion plain: the bdia sampler inverts exactly by construction" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m", "bdia"])
+def test_every_sampler_inverts_reconstructs_and_interpolates(tiny, tmp_path, sampler):
+    Image.new("L", (8, 8), 10).save(tmp_path / "a.png")
+    r = ok("reconstruct", tmp_path / "a.png", "-m", tiny, "--steps", 4, "--sampler", sampler, "--out", tmp_path / "r", "--json")
+    doc = json.loads(r.stdout)
+    assert doc["settings"]["sampler"] == sampler and doc["settings"]["spacing"] == "logsnr"  # the inversion default
+    rec = doc["images"][0]
+    if sampler != "bdia":  # iterations and residuals per inverse step, from the clean end
+        assert len(rec["iterations"]) == len(rec["residuals"]) == 4 and all(i >= 1 for i in rec["iterations"])
+    ok("invert", tmp_path / "a.png", "-m", tiny, "--steps", 4, "--sampler", sampler, "--out", tmp_path / "l")
+    lat = tmp_path / "l" / "a.latent.safetensors"
+    with safe_open(str(lat), "pt") as f:
+        assert ("latents_prev" in f.keys()) == (sampler == "bdia") and f.metadata()["spacing"] == "logsnr"
+    # decoding the latent file retraces the inversion: the reconstruction, with the file's spacing
+    ok("sample", "-m", tiny, "--latents", lat, "--steps", 4, "--sampler", sampler, "--no-clip-sample", "--out", tmp_path / "s")
+    assert np.abs(png(tmp_path / "s" / "000000.png").astype(int) - png(tmp_path / "r" / "a.png").astype(int)).max() <= 1
+    r = ok("interpolate", tmp_path / "a.png", lat, "-m", tiny, "--frames", 2, "--steps", 4, "--sampler", sampler, "--out", tmp_path / "i")
+    # the image end is inverted and decoded with the same sampler: the same frame as the latent end
+    assert np.abs(png(tmp_path / "i" / "frame_000.png").astype(int) - png(tmp_path / "i" / "frame_001.png").astype(int)).max() <= 1
+    if sampler == "bdia":
+        r = cli("sample", "-m", tiny, "--latents", lat, "--steps", 4, "--sampler", "ddim", "--out", tmp_path / "x")
+        assert r.exit_code == 1 and "decode it with the bdia sampler" in r.stderr
+        r = cli("sample", "-m", tiny, "--latents", lat, "--steps", 5, "--sampler", "bdia", "--out", tmp_path / "y")
+        assert r.exit_code == 1 and "made with 4 steps and logsnr spacing" in r.stderr

@@ -69,9 +69,9 @@ def test_interpolation_ends_are_parsed_without_running_the_model(engine, tmp_pat
     save_latents(tmp_path / "l.safetensors", torch.ones(1, 1, 8, 8))
     assert parse_end("seed:3", engine.image_shape).seed == 3
     assert parse_end(str(tmp_path / "img.png"), engine.image_shape).kind == "image"
-    assert torch.equal(engine.end_latent(parse_end(str(tmp_path / "l.safetensors"), engine.image_shape)),
-                       torch.ones(1, 1, 8, 8))
-    torch.testing.assert_close(engine.end_latent(parse_end("seed:3", engine.image_shape)), engine.noise([3]))
+    x_T, x_prev = engine.end_latent(parse_end(str(tmp_path / "l.safetensors"), engine.image_shape))
+    assert torch.equal(x_T, torch.ones(1, 1, 8, 8)) and x_prev is None
+    torch.testing.assert_close(engine.end_latent(parse_end("seed:3", engine.image_shape))[0], engine.noise([3]))
     save_latents(tmp_path / "wrong.safetensors", torch.ones(1, 2, 8, 8))
     with pytest.raises(InputError, match="the model needs"):
         parse_end(str(tmp_path / "wrong.safetensors"), engine.image_shape)

@@ -54,8 +54,11 @@ def interpolate(
     from ..sampler import slerp
 
     rep = Reporter(json_out, quiet)
+    kinds = [end_kind(spec) for spec in (a, b)]
+    if spacing is None:  # decode with the plan a latent-file end was made with
+        spacing = next((recorded_spacing(spec) for spec, k in zip((a, b), kinds) if k == "latent"), None)
     options = SamplingOptions(steps=steps, sampler=sampler, spacing=spacing, inversion=inversion,
-                              deterministic=deterministic)
+                              inverting="image" in kinds, deterministic=deterministic)
     engine = load_engine(model, device, dtype, options, False, rep)
     ends = [parse_end(spec, engine.image_shape) for spec in (a, b)]
     for end in ends:
@@ -68,13 +71,16 @@ def interpolate(
     strip, gif = out / "strip.png", out / "interpolation.gif"
     plan_outputs(frame_paths + [strip, gif], overwrite, False)  # refuse before any work (inverting included)
 
-    x_ends = [engine.end_latent(end) for end in ends]
+    x_ends = [engine.end_latent(end) for end in ends]  # (x_T, x_T-1 or None) each
     alphas = [k / (frames - 1) for k in range(frames)]
-    x_T = torch.cat([slerp(x_ends[0], x_ends[1], t) for t in alphas])  # (K, C, H, W)
+    x_T = torch.cat([slerp(x_ends[0][0], x_ends[1][0], t) for t in alphas])  # (K, C, H, W)
+    # a pair sampler's second states are interpolated alongside (the ends stay exact)
+    x_prev = torch.cat([slerp(x_ends[0][1], x_ends[1][1], t) for t in alphas]) if engine.pair_latents else None
     decoded = []
     with rep.progress("decoding", frames * len(engine.plan)) as bar:
         for chunk in batches(list(range(frames)), batch_size):
-            x0 = engine.decode(x_T[list(chunk)], lambda info: bar.advance(len(chunk))).float().cpu()
+            prev = None if x_prev is None else x_prev[list(chunk)]
+            x0 = engine.decode(x_T[list(chunk)], lambda info: bar.advance(len(chunk)), prev).float().cpu()
             if not all(finite_or_note(x0, [str(frame_paths[i]) for i in chunk], rep)):
                 raise NumericsError("the model produced NaN or inf values while decoding; nothing written")
             decoded.append(x0)
@@ -87,3 +93,17 @@ def interpolate(
     save_gif(list(x0), gif, boomerang=boomerang)
     rep.output(gif)
     rep.finish(report_doc("interpolate", engine, endpoints=[a, b], alphas=alphas))
+
+
+def end_kind(spec: str) -> str:
+    """seed, latent or image: what an interpolation end is, from its spelling alone."""
+    from pathlib import Path as _P
+
+    return "seed" if spec.startswith("seed:") else "latent" if _P(spec).suffix == ".safetensors" else "image"
+
+
+def recorded_spacing(spec: str) -> str | None:
+    """The spacing a latent file records (None if it records none)."""
+    from ..latents import load_latent_pair
+
+    return load_latent_pair(spec)[2].get("spacing") or None

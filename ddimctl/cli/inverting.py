@@ -29,7 +29,7 @@ def invert(
     spacing: SpacingOpt = None,
     sampler: SamplerOpt = "ddim",
     inversion: InversionOpt = "exact",
-    tol: TolOpt = 1e-5,
+    tol: TolOpt = 3e-3,
     max_iter: MaxIterOpt = 50,
     batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
     out: OutOpt = Path("latents"),
@@ -41,7 +41,7 @@ def invert(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """DDIM-invert images to their latents x_T, written as NAME.latent.safetensors."""
+    """Invert images to the latents x_T that --sampler maps back to them, written as NAME.latent.safetensors."""
     from ..latents import SUFFIX, save_latents
 
     rep = Reporter(json_out, quiet)
@@ -53,9 +53,11 @@ def invert(
             x_T, stats = engine.invert(x0, lambda info: bar.advance(len(chunk)))
             x_T = x_T.float().cpu()
             ok = finite_or_note(x_T, [str(job.paths[i]) for i in chunk], rep)
+            x_prev = None if stats.latents_prev is None else stats.latents_prev.float().cpu()
             for j, i in enumerate(chunk):
-                if job.keep(ok[j], i, infos[j], stats.model_calls, stats):
-                    save_latents(job.targets[i], x_T[j : j + 1], {**engine.provenance(), **infos[j]})
+                if job.keep(ok[j], i, j, infos[j], stats.model_calls, stats):
+                    save_latents(job.targets[i], x_T[j : j + 1], {**engine.provenance(), **infos[j]},
+                                 latents_prev=None if x_prev is None else x_prev[j : j + 1])
                     rep.output(job.targets[i])
     job.finish("invert")
 
@@ -68,7 +70,7 @@ def reconstruct(
     spacing: SpacingOpt = None,
     sampler: SamplerOpt = "ddim",
     inversion: InversionOpt = "exact",
-    tol: TolOpt = 1e-5,
+    tol: TolOpt = 3e-3,
     max_iter: MaxIterOpt = 50,
     batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
     out: OutOpt = Path("reconstructions"),
@@ -96,7 +98,7 @@ def reconstruct(
             ok = [a and b for a, b in zip(finite_or_note(rec.x_T, names, rep), finite_or_note(rec.x0, names, rep))]
             x_rec = rec.x0.float().cpu()
             for j, i in enumerate(chunk):
-                if job.keep(ok[j], i, infos[j], rec.model_calls, rec.stats,
+                if job.keep(ok[j], i, j, infos[j], rec.model_calls, rec.stats,
                             mse=float(rec.mse[j]), psnr=float(rec.psnr[j]), compare=str(compares[i])):
                     save_png(x_rec[j], job.targets[i])
                     save_png(side_by_side(x0[j], x_rec[j]), compares[i])
@@ -127,7 +129,7 @@ class _InversionJob:
         from ..fsutil import check_writable_dir
         from ..pipeline import SamplingOptions
 
-        self.options = SamplingOptions(**options)
+        self.options = SamplingOptions(**options, inverting=True)
         self.engine = load_engine(model, device, dtype, self.options, False, self.rep)
         self.engine.check_invertible()
         check_writable_dir(self.out)
@@ -142,17 +144,21 @@ class _InversionJob:
             x0, infos = load_images([self.paths[i] for i in chunk], self.engine, self.rep)
             yield chunk, x0, infos
 
-    def keep(self, ok: bool, i: int, info: dict, calls: int, stats, **extra: Any) -> bool:
-        """Record image i's result (calls: batched model evaluations for its batch); False when it failed or was
-        computed only to keep its batch as the run being completed had it (its output exists)."""
+    def keep(self, ok: bool, i: int, j: int, info: dict, calls: int, stats, **extra: Any) -> bool:
+        """Record image i's result, j-th of its batch (calls: batched model evaluations for its batch); False when
+        it failed or was computed only to keep its batch as the run being completed had it (its output exists).
+        Exact inversion adds, per inverse step from the clean end, the iterations the image took and the RMS
+        residual it reached."""
         if i not in self.writes:
             return False
         if not ok:
             self.failed.append(str(self.paths[i]))
             return False
         record = {**info, "output": str(self.targets[i]), "model_calls": calls}
-        if self.options.inversion == "exact":
-            record["max_residual"] = stats.max_residual
+        if self.options.inversion == "exact" and not self.engine.pair_latents:
+            record["max_residual"] = max(r[j] for r in stats.image_residuals)
+            record["iterations"] = [it[j] for it in stats.image_iterations]
+            record["residuals"] = [r[j] for r in stats.image_residuals]
         self.records.append({**record, **extra})
         return True
 

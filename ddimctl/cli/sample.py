@@ -54,12 +54,15 @@ def sample(
     rep = Reporter(json_out, quiet)
     if rank_world()[1] > 1 and (fmt == "safetensors" or grid is not None):
         raise DdimctlError("--format safetensors and --grid need every image in one process; run without torchrun")
-    x_given = None
+    x_given = x_prev = None
     if latents is not None:
-        from ..latents import load_latents
+        from ..latents import load_latent_pair
 
-        x_given, _ = load_latents(latents)
+        x_given, x_prev, meta = load_latent_pair(latents)
         n = x_given.shape[0]
+        if spacing is None and meta.get("spacing"):
+            spacing = meta["spacing"]  # decode with the plan the latents were made with
+            rep.note(f"{latents}: spacing {spacing}, as recorded in the file")
     options = SamplingOptions(steps=steps, eta=eta, sampler=sampler, spacing=spacing, clip_sample=clip_sample,
                               channels_last=channels_last, deterministic=deterministic)
     engine = load_engine(model, device, dtype, options, compile_model, rep)
@@ -67,9 +70,11 @@ def sample(
         from ..latents import check_shape
 
         check_shape(x_given, engine.image_shape, latents)
+        if x_prev is not None:
+            engine.check_latent_pair(latents, meta)
     job = _SampleJob(engine, rep, out, [f"{i:06d}" for i in range(n)], seed, fmt, grid, save_latents)
     job.plan(overwrite, skip_existing, batch_size)
-    job.run(x_given)
+    job.run(x_given, x_prev)
     job.finish()
 
 
@@ -107,11 +112,13 @@ class _SampleJob:
 
         return self.out / f"{self.names[i]}{SUFFIX}"
 
-    def run(self, x_given) -> None:
+    def run(self, x_given, x_prev=None) -> None:
         with self.rep.progress("sampling", sum(map(len, self.batches)) * len(self.engine.plan)) as bar:
             for chunk in self.batches:
                 given = x_given[list(chunk)] if x_given is not None else None
-                x_T, x0 = self.engine.generate([self.seed + i for i in chunk], given, lambda info: bar.advance(len(chunk)))
+                given_prev = x_prev[list(chunk)] if x_prev is not None else None
+                x_T, x0 = self.engine.generate([self.seed + i for i in chunk], given, lambda info: bar.advance(len(chunk)),
+                                               given_prev)
                 self._write(chunk, x_T, x0.float().cpu())
 
     def _write(self, chunk, x_T, x0) -> None:
