@@ -57,7 +57,7 @@ def main() -> None:
     )
     data = torch.rand((512, 1, 32, 32), generator=torch.Generator().manual_seed(0)) * 2 - 1  # content is irrelevant
     settings = cfg.settings()
-    examples = [training_example(data[: args.batch], k, cfg, settings, 0) for k in range(W + N)]
+    examples = [training_example(data[: args.batch], k, cfg, settings, 0)[:3] for k in range(W + N)]
 
     torch.manual_seed(cfg.seed)  # the initial weights train() starts from
     init = UNet2DModel.from_config(cfg.unet_config()).state_dict()

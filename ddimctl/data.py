@@ -13,6 +13,7 @@ The whole dataset is held in memory: these are small-model datasets.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,37 +73,74 @@ def load_builtin_dataset(name: str, image_size: int | None = None, with_labels: 
     return (x.contiguous(), torch.from_numpy(labels)) if with_labels else x.contiguous()
 
 
-def load_image_folder(root: Path, image_size: int, channels: int) -> tuple[Tensor, int]:
-    """Every image under ``root`` (recursive; png, jpg, webp, ...) fitted to (channels, size, size).
+def load_image_folder(root: Path, image_size: int, channels: int, paths: list[Path] | None = None) -> tuple[Tensor, int, list[int]]:
+    """Every image under ``root`` (recursive; png, jpg, webp, ...), or the given ``paths``, fitted to
+    (channels, size, size).
 
-    Returns (images (N, C, S, S) in [-1, 1], number of unreadable files skipped).
+    Returns (images (N, C, S, S) in [-1, 1], number of unreadable files skipped, index in ``paths`` of each image).
     """
     from .errors import DdimctlError
     from .images import iter_image_paths, load_image
 
-    paths = iter_image_paths([str(root)])
-    tensors, skipped = [], 0
-    for p in paths:
+    paths = paths if paths is not None else iter_image_paths([str(root)])
+    tensors, kept, skipped = [], [], 0
+    for k, p in enumerate(paths):
         try:
             tensors.append(load_image(p, channels, image_size).tensor)
+            kept.append(k)
         except DdimctlError:
             skipped += 1
     if not tensors:
         raise InputError(f"{root}: no readable images ({skipped} unreadable)")
-    return torch.cat(tensors), skipped
+    return torch.cat(tensors), skipped, kept
 
 
-def load_dataset(spec: str, image_size: int | None, channels: int | None) -> tuple[Tensor, int, str]:
-    """Resolve DATA for ``ddimctl train``: a built-in name or a folder. Returns (images, skipped, description)."""
+@dataclass
+class TrainingData:
+    """What ``ddimctl train`` trains on: ``images`` (N, C, S, S) in [-1, 1]; with labels, ``labels`` (N,) int64
+    class ids and ``class_names`` (index -> name); ``skipped`` unreadable files; ``description`` for messages."""
+
+    images: Tensor
+    labels: Tensor | None
+    class_names: list[str] | None
+    skipped: int
+    description: str
+
+
+def load_training_data(spec: str, image_size: int | None, channels: int | None, labelled: bool = False) -> TrainingData:
+    """Resolve DATA for ``ddimctl train``: a built-in name or a folder. ``labelled``: also the class of each image —
+    the built-in datasets' digit, or for a folder the subfolder it is in (one subfolder per class, in sorted
+    order)."""
     path = Path(spec)
     if spec in BUILTIN_DATASETS and not path.exists():
-        x = load_builtin_dataset(spec, image_size)
+        x, labels = load_builtin_dataset(spec, image_size, with_labels=True)
         if channels not in (None, 1):
             x = x.expand(-1, channels, -1, -1).contiguous()
-        return x, 0, f"built-in {spec}"
+        names = [str(c) for c in range(int(labels.max()) + 1)] if labelled else None
+        return TrainingData(x, labels if labelled else None, names, 0, f"built-in {spec}")
     if not path.exists():
         raise InputError(f"{spec}: no such folder or built-in dataset ({', '.join(BUILTIN_DATASETS)})")
     if not path.is_dir():
         raise InputError(f"{spec}: not a folder of images")
-    x, skipped = load_image_folder(path, image_size or 32, channels or 3)
-    return x, skipped, f"folder {spec}"
+    if not labelled:
+        x, skipped, _ = load_image_folder(path, image_size or 32, channels or 3)
+        return TrainingData(x, None, None, skipped, f"folder {spec}")
+    from .images import iter_image_paths
+
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise InputError(f"{spec}: class-conditional training needs one subfolder of images per class")
+    paths, owners = [], []
+    for c, name in enumerate(classes):
+        found = iter_image_paths([str(path / name)])
+        paths += found
+        owners += [c] * len(found)
+    x, skipped, kept = load_image_folder(path, image_size or 32, channels or 3, paths)
+    labels = torch.tensor([owners[k] for k in kept], dtype=torch.long)
+    return TrainingData(x, labels, classes, skipped, f"folder {spec}, {len(classes)} classes")
+
+
+def load_dataset(spec: str, image_size: int | None, channels: int | None) -> tuple[Tensor, int, str]:
+    """Resolve DATA for ``ddimctl train``, without labels: (images, skipped, description)."""
+    d = load_training_data(spec, image_size, channels)
+    return d.images, d.skipped, d.description

@@ -106,6 +106,22 @@ def load_latent_pair(path: str | os.PathLike) -> tuple[Tensor, Tensor | None, di
     return x, x_prev, meta
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A latent file's metadata, from its header alone (no tensor is read); one-line errors as :func:`load_latents`."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{p}: is a directory, not a latent file") from None
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{p}: not a readable .safetensors file ({first_line(e)})") from None
+
+
 def check_shape(x: Tensor, shape: tuple[int, ...], path: str | os.PathLike) -> Tensor:
     """``x`` (N, C, H, W) when its per-item shape is ``shape`` (what the model works on); else an InputError."""
     if tuple(x.shape[1:]) != tuple(shape):

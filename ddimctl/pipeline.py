@@ -14,6 +14,7 @@ models do not accumulate rounding in x over the steps.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -56,6 +57,7 @@ class SamplingOptions:
     clip_sample: bool | None = None  # None: the checkpoint's
     channels_last: bool = False  # feed the model channels-last inputs (the model's weights should be too)
     deterministic: bool = False  # each sample in its own fixed-shape forward: results independent of batching
+    guidance_scale: float = 1.0  # classifier-free guidance weight (class-conditional models with a null label)
     inverting: bool = False  # the job inverts images (default spacing: inversion_spacing)
 
     def resolved_spacing(self, settings: SamplerSettings) -> str:
@@ -81,6 +83,8 @@ class SamplingOptions:
             raise SettingError(("eta", self.eta), "the dpm++2m sampler is deterministic (use eta 0, or the ddim sampler)")
         if self.sampler == "bdia" and self.eta != 0:
             raise SettingError(("eta", self.eta), "the bdia sampler is deterministic (use eta 0, or the ddim sampler)")
+        if not self.guidance_scale >= 0:
+            raise SettingError(("guidance_scale", self.guidance_scale), "must be >= 0 (1: no guidance)")
         if self.sampler == "bdia" and self.steps < 2:
             raise SettingError(("steps", self.steps), "the bdia sampler needs at least 2 steps")
         if self.sampler == "bdia" and self.inversion == "plain":
@@ -123,9 +127,17 @@ class Engine:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     model_dtype: torch.dtype = torch.float32
     source: Any = None
+    num_classes: int | None = None  # class-conditional: the model's class embeddings, labels 0 .. num_classes - 1
+    null_label: int | None = None  # the label the model was trained to read as "no class" (guidance needs it)
 
     def __post_init__(self) -> None:
         self.options.check()
+        w = self.options.guidance_scale
+        if w != 1.0 and self.num_classes is None:
+            raise SettingError(("guidance_scale", w), "the model is not class-conditional")
+        if w != 1.0 and self.null_label is None:
+            raise SettingError(("guidance_scale", w), "the model declares no null (unconditional) class label to "
+                               "guide against (ddimctl's class-conditional models record it as null_class_label)")
         T = self.settings.num_train_timesteps
         if self.options.steps > T:
             raise SettingError(("steps", self.options.steps), f"more than the model's {T} training timesteps")
@@ -161,18 +173,59 @@ class Engine:
         options = options if options is not None else SamplingOptions()
         device = torch.device(device)
         ckpt = load(ref, device=device, dtype=dtype)
+        num_classes, null_label = class_conditioning(ckpt.model, ckpt.resolved)
         model, _ = prepare_model(ckpt.model, options.channels_last, compile, note=note)
         shape = (ckpt.channels, ckpt.image_size, ckpt.image_size)
-        return cls(model, ckpt.settings, options, shape, device, dtype, source=ckpt.resolved)
+        return cls(model, ckpt.settings, options, shape, device, dtype, source=ckpt.resolved,
+                   num_classes=num_classes, null_label=null_label)
 
-    def _call_model(self, x: Tensor, t: Tensor) -> Tensor:
+    def class_labels(self, labels: Sequence[int] | Tensor | None, n: int | None = None) -> Tensor | None:
+        """Check class labels for this model and return them as a (B,) int64 tensor (None for an unconditional
+        model). ``n``: the batch size, when one label (a single int) is given for all of it."""
+        if labels is None:
+            if self.num_classes is not None:
+                raise SettingError(("class_label", "none"), f"the model is class-conditional: give each image a class "
+                                   f"(0 .. {self.num_classes - 1})")
+            return None
+        values = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if self.num_classes is None:
+            raise SettingError(("class_label", int(values[0])), "the model is not class-conditional")
+        bad = values[(values < 0) | (values >= self.num_classes)]
+        if len(bad):
+            null = f"; {self.null_label} is its null class" if self.null_label is not None else ""
+            raise SettingError(("class_label", int(bad[0])), f"the model has classes 0 .. {self.num_classes - 1}{null}")
+        if n is not None and len(values) == 1:
+            values = values.expand(n)
+        return values.to(self.device)
+
+    def default_labels(self, indices: Sequence[int]) -> list[int] | None:
+        """Classes for images that were given none: image i gets class i mod K over the model's real classes (its
+        null class left out), so a grid shows every class in turn; None for an unconditional model."""
+        if self.num_classes is None:
+            return None
+        real = [c for c in range(self.num_classes) if c != self.null_label]
+        return [real[i % len(real)] for i in indices]
+
+    def _denoisers(self, labels: Tensor | None) -> tuple[Denoiser, Denoiser]:
+        """(sampling denoiser, ODE denoiser) for a batch with these labels (checked by :meth:`class_labels`)."""
+        if labels is None:
+            if self.num_classes is not None:
+                self.class_labels(None)
+            return self.denoiser, self.ode_denoiser
+        extra = {"class_labels": labels, "guidance_scale": self.options.guidance_scale, "null_label": self.null_label}
+        return dataclasses.replace(self.denoiser, **extra), dataclasses.replace(self.ode_denoiser, **extra)
+
+    def _call_model(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         x_in = x.to(self.model_dtype)
         if self.options.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
-        out = self._per_sample(x_in, t) if self.options.deterministic else self.model(x_in, t)
+        if self.options.deterministic:
+            out = self._per_sample(x_in, t, labels)
+        else:
+            out = self.model(x_in, t) if labels is None else self.model(x_in, t, labels)
         return out.to(x.dtype).contiguous()
 
-    def _per_sample(self, x: Tensor, t: Tensor) -> Tensor:
+    def _per_sample(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """The model on each sample alone, each in fresh memory: the result of sample i depends on nothing but its
         own input, whatever the batch it came in, its position, the batch size or the number of processes.
 
@@ -182,7 +235,9 @@ class Engine:
         """
         def one(i: int) -> Tensor:
             ti = t[i : i + 1] if t.shape[0] > 1 else t
-            return self.model(x[i : i + 1].clone(), ti.clone())
+            if labels is None:
+                return self.model(x[i : i + 1].clone(), ti.clone())
+            return self.model(x[i : i + 1].clone(), ti.clone(), labels[i : i + 1].clone())
 
         if x.device.type != "cpu":
             return torch.cat([one(i) for i in range(x.shape[0])])
@@ -213,6 +268,7 @@ class Engine:
                 "spacing": self.spacing,
                 "prediction_type": self.settings.prediction_type,
                 "clip_sample": self.settings.clip_sample,
+                "guidance_scale": self.options.guidance_scale,
                 "device": str(self.device),
                 "dtype": str(self.model_dtype).replace("torch.", ""),
             },
@@ -229,6 +285,7 @@ class Engine:
             "sampler": self.options.sampler,
             "inversion": self.options.inversion,
             "prediction_type": self.settings.prediction_type,
+            **({"guidance_scale": self.options.guidance_scale} if self.num_classes is not None else {}),
         }
 
     # -- the jobs ------------------------------------------------------------------------------------------------
@@ -239,19 +296,20 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, seeds: Sequence[int], x_T: Tensor | None = None, callback=None,
-                 x_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 x_prev: Tensor | None = None, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Sample a batch: returns (x_T, x0), each (B, C, H, W) float32, x0 in the model's data range.
 
         Sample i draws from one generator seeded ``seeds[i]``: first its x_T, then (eta > 0) the noise of each step.
         When ``x_T`` is given, the x_T draw is still made and discarded, so a run from saved latents with the same
-        seeds repeats the original run exactly.
+        seeds repeats the original run exactly. ``labels``: each sample's class (class-conditional models).
         """
+        denoiser, _ = self._denoisers(labels)
         gens = make_generators(seeds)
         drawn = randn(gens, self.image_shape, torch.float32, self.device)
         x = drawn if x_T is None else x_T.to(self.device, torch.float32)
         if x_prev is not None:  # a latent pair: only the pair sampler reads it (Engine.decode checks the sampler)
-            return x, self.decode(x, callback, x_prev, denoiser=self.denoiser)
-        x0 = sample(self.denoiser, x, self.plan, self.options.sampler, self.options.eta,
+            return x, self.decode(x, callback, x_prev, denoiser=denoiser)
+        x0 = sample(denoiser, x, self.plan, self.options.sampler, self.options.eta,
                     gens if self.options.eta > 0 else None, callback)
         return x, x0
 
@@ -279,13 +337,14 @@ class Engine:
                                f"no inversion for this sampler yet (invertible: {', '.join(INVERT_FUNCTIONS)})")
 
     @torch.inference_mode()
-    def invert(self, x0: Tensor, callback=None) -> tuple[Tensor, InversionStats]:
+    def invert(self, x0: Tensor, callback=None, labels: Tensor | None = None) -> tuple[Tensor, InversionStats]:
         """x_T (B, C, H, W) whose eta = 0 sample with this sampler is x0, and what the inversion cost. For a pair
         sampler (bdia) ``stats.latents_prev`` holds the latent's second state x_{T-1}."""
         self.check_invertible()
+        _, ode = self._denoisers(labels)
         stats = InversionStats()
         x, x_prev = INVERT_FUNCTIONS[self.options.sampler](
-            self.ode_denoiser, x0.to(self.device, self._state_dtype), self.plan, self.options.inversion == "exact",
+            ode, x0.to(self.device, self._state_dtype), self.plan, self.options.inversion == "exact",
             self.options.tol, self.options.max_iter, callback, stats,
         )
         stats.latents_prev = x_prev  # kept in the state's dtype: a bdia pair rounded to float32 decodes ~1e-4 off
@@ -299,10 +358,11 @@ class Engine:
         return torch.float64 if self.pair_latents and self.device.type != "mps" else torch.float32
 
     @torch.inference_mode()
-    def decode(self, x_T: Tensor, callback=None, x_prev: Tensor | None = None, denoiser=None) -> Tensor:
+    def decode(self, x_T: Tensor, callback=None, x_prev: Tensor | None = None, denoiser=None,
+               labels: Tensor | None = None) -> Tensor:
         """The eta = 0 sample of x_T with this sampler, without clipping (the inverse of :meth:`invert`;
         reconstruct, interpolate). ``x_prev``: the second state of a pair latent (bdia only)."""
-        denoiser = denoiser if denoiser is not None else self.ode_denoiser
+        denoiser = denoiser if denoiser is not None else self._denoisers(labels)[1]
         x = x_T.to(self.device, x_T.dtype if x_T.dtype == torch.float64 else torch.float32)
         if self.pair_latents:
             x_next = None if x_prev is None else x_prev.to(self.device, self._state_dtype)
@@ -316,27 +376,27 @@ class Engine:
         """Model calls :meth:`decode` makes per batch (one fewer from a bdia pair: its first state is given)."""
         return len(self.plan) - (1 if pair and self.pair_latents else 0)
 
-    def reconstruct(self, x0: Tensor, callback=None) -> Reconstruction:
+    def reconstruct(self, x0: Tensor, callback=None, labels: Tensor | None = None) -> Reconstruction:
         """Invert images x0 (B, C, H, W) in [-1, 1], decode the latents again, and measure the error."""
         from .images import mse, psnr
 
-        x_T, stats = self.invert(x0, callback)
+        x_T, stats = self.invert(x0, callback, labels)
         x_prev = stats.latents_prev
-        rec = self.decode(x_T, callback, x_prev)
+        rec = self.decode(x_T, callback, x_prev, labels=labels)
         target = x0.to(rec.device, rec.dtype)
         return Reconstruction(x_T, rec, mse(rec, target), psnr(rec, target), stats,
                               decode_calls=self.decode_calls(x_prev is not None), x_prev=x_prev)
 
     @torch.inference_mode()
-    def second_state(self, x_T: Tensor) -> Tensor:
+    def second_state(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
         """x_{T-1} = the DDIM step from x_T (one model call): a pair sampler's second state when only x_T is known
         (a seed, or a latent file from another sampler); bdia's own first step."""
         x = x_T.to(self.device, torch.float32)
         ts = model_times(self.plan, x)
-        out = self.ode_denoiser(x, ts[0:1], self.plan.a[0], self.plan.b[0])
+        out = self._denoisers(labels)[1](x, ts[0:1], self.plan.a[0], self.plan.b[0])
         return ddim_step(out[0], out[1], self.plan.a[1], self.plan.b[1])
 
-    def end_latent(self, end: "End") -> tuple[Tensor, Tensor | None]:
+    def end_latent(self, end: "End", labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """(x_T, x_{T-1} or None), each (1, C, H, W) on the device, for a parsed interpolation end (an image end is
         inverted here). A pair sampler always gets the pair (x_{T-1} made by :meth:`second_state` if need be)."""
         if end.kind == "seed":
@@ -345,14 +405,68 @@ class Engine:
             x_T = end.tensor[:1].to(self.device)
             x_prev = None if end.tensor_prev is None else end.tensor_prev[:1].to(self.device)
         else:
-            x_T, stats = self.invert(end.tensor[:1])
+            x_T, stats = self.invert(end.tensor[:1], labels=labels)
             x_prev = stats.latents_prev
         if x_prev is not None and not self.pair_latents:
             raise InputError(f"{end.spec}: holds a {PAIR_SAMPLERS[0]} latent pair; interpolate it with the "
                              f"{PAIR_SAMPLERS[0]} sampler")
         if self.pair_latents and x_prev is None:
-            x_prev = self.second_state(x_T)
+            x_prev = self.second_state(x_T, labels)
         return x_T, x_prev
+
+
+def parse_class_labels(spec: str) -> list[int]:
+    """``--class-label``: one integer for every image, or a text file with one integer label per line (blank lines
+    and ``#`` comments skipped), the i-th for the i-th image."""
+    try:
+        return [int(spec)]
+    except ValueError:
+        pass
+    path = Path(spec)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{spec}: neither an integer class label nor a file of labels") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{spec}: cannot read the class labels ({e.__class__.__name__})") from None
+    labels = []
+    for n, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if text:
+            try:
+                labels.append(int(text))
+            except ValueError:
+                raise InputError(f"{spec}: line {n} is not an integer class label ({text!r})") from None
+    if not labels:
+        raise InputError(f"{spec}: no class labels in the file")
+    return labels
+
+
+def labels_for(labels: list[int] | None, count: int, spec: str | None) -> list[int] | None:
+    """``count`` per-image labels from :func:`parse_class_labels`'s result: one label repeated, or exactly one
+    per image."""
+    if labels is None:
+        return None
+    if len(labels) == 1:
+        return labels * count
+    if len(labels) != count:
+        raise InputError(f"{spec}: {len(labels)} class labels for {count} images")
+    return labels
+
+
+def class_conditioning(model: Any, resolved: Any) -> tuple[int | None, int | None]:
+    """(number of classes, null label) of a loaded UNet: ``num_class_embeds`` (None for an unconditional model) and
+    the null label its checkpoint declares (``null_class_label`` in ddimctl's metadata; None when it declares none,
+    as diffusers' UNet2DModel configs do). Class embeddings that are not a table of integer labels (diffusers'
+    ``class_embed_type`` ``timestep`` / ``identity``) are refused: ddimctl passes class ids."""
+    if not getattr(model, "is_class_conditional", False):
+        return None, None
+    n = getattr(model, "num_class_embeds", None)
+    if n is None:
+        raise SettingError(("class_embed_type", model.config.get("class_embed_type")),
+                           "ddimctl conditions on integer class ids (num_class_embeds); this embedding is not supported")
+    null = (getattr(resolved, "meta", None) or {}).get("null_class_label")
+    return int(n), (int(null) if null is not None else None)
 
 
 _WORKERS: list = []
@@ -388,15 +502,24 @@ class End:
     tensor_prev: Tensor | None = None  # a latent file's second state (a bdia pair)
 
 
+def end_kind(spec: str) -> str:
+    """What an interpolation end is, from its spelling alone: ``seed`` (seed:N), ``latent`` (a .safetensors file)
+    or ``image``."""
+    if spec.startswith("seed:"):
+        return "seed"
+    return "latent" if Path(spec).suffix == ".safetensors" else "image"
+
+
 def parse_end(spec: str, image_shape: tuple[int, int, int]) -> End:
     """Read an interpolation end without running the model: ``seed:N``, a ``.safetensors`` latent file (checked
     against ``image_shape``), or an image file (loaded and fitted to ``image_shape``)."""
-    if spec.startswith("seed:"):
+    kind = end_kind(spec)
+    if kind == "seed":
         try:
             return End(spec, "seed", seed=int(spec[5:]))
         except ValueError:
             raise InputError(f"{spec}: expected seed:N with an integer N") from None
-    if Path(spec).suffix == ".safetensors":
+    if kind == "latent":
         from .latents import check_shape, load_latent_pair
 
         x, x_prev, _ = load_latent_pair(spec)

@@ -101,26 +101,49 @@ def threshold(x0: Tensor, th: Thresholding) -> Tensor:
 
 @dataclass(frozen=True)
 class Denoiser:
-    """Wraps ``model(x_t, t)`` (t a (B,) tensor of model times) into ``(x_t, t, a, b) -> (x0_hat, eps_hat)``.
+    """Wraps ``model(x_t, t)`` (t a (1,) or (B,) tensor of model times) into ``(x_t, t, a, b) -> (x0_hat, eps_hat)``.
 
     ``clip_sample``: clamp x0_hat to [-r, r] (diffusers' ``clip_sample`` with ``clip_sample_range = r``).
     ``thresholding`` takes precedence over clipping, as in diffusers. eps_hat is not recomputed after either
     (diffusers' default, ``use_clipped_model_output=False``).
+
+    Class-conditional models are called ``model(x_t, t, class_labels)``: ``class_labels`` (B,) int64 holds each
+    sample's class. ``guidance_scale`` w != 1 is classifier-free guidance (Ho & Salimans 2022): one batched forward
+    of 2B samples, the B conditional ones and the same B with the model's ``null_label``, combined as
+    ``out = uncond + w (cond - uncond)`` on the raw output (which every parameterization maps affinely, so the
+    same holds for (x0_hat, eps_hat)). Samplers and the exact inversion see only the guided denoiser.
     """
 
     model: Model
     prediction_type: str = "epsilon"
     clip_sample: float | None = None
     thresholding: Thresholding | None = None
+    class_labels: Tensor | None = None
+    guidance_scale: float = 1.0
+    null_label: int | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"unknown prediction_type {self.prediction_type!r} (expected one of {', '.join(PREDICTION_TYPES)})"
             )
+        if self.guidance_scale != 1.0 and (self.class_labels is None or self.null_label is None):
+            raise ValueError("classifier-free guidance needs class labels and the model's null label")
+
+    def model_output(self, x: Tensor, t: Tensor) -> Tensor:
+        """The raw model output at x, guided when ``guidance_scale`` != 1."""
+        if self.class_labels is None:
+            return self.model(x, t)
+        labels = self.class_labels.to(x.device)
+        if self.guidance_scale == 1.0:
+            return self.model(x, t, labels)
+        null = torch.full_like(labels, self.null_label)
+        tt = t if t.shape[0] == 1 else torch.cat([t, t])
+        cond, uncond = self.model(torch.cat([x, x]), tt, torch.cat([labels, null])).chunk(2)  # one forward of 2B
+        return uncond + self.guidance_scale * (cond - uncond)
 
     def __call__(self, x: Tensor, t: Tensor, a: float, b: float) -> tuple[Tensor, Tensor]:
-        x0, eps = to_x0_eps(self.model(x, t), x, a, b, self.prediction_type)
+        x0, eps = to_x0_eps(self.model_output(x, t), x, a, b, self.prediction_type)
         if self.thresholding is not None:
             x0 = threshold(x0, self.thresholding)
         elif self.clip_sample is not None:
@@ -129,6 +152,7 @@ class Denoiser:
 
     def frozen_jacobian(self, a: float, b: float) -> tuple[float, float]:
         """``(d x0_hat / d x, d eps_hat / d x)`` with the model output held (see :func:`frozen_jacobian`); the
-        interface exact inversion relies on. (With clipping or thresholding the true slope differs where they act:
-        inversion runs without them.)"""
+        interface exact inversion relies on. Guidance mixes outputs with weights that sum to 1, so it leaves this
+        unchanged. (With clipping or thresholding the true slope differs where they act: inversion runs without
+        them.)"""
         return frozen_jacobian(self.prediction_type, a, b)

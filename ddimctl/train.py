@@ -69,6 +69,9 @@ class TrainConfig:
     mixed_precision: str = "no"
     lr_schedule: str = "constant"
     init: str | None = None
+    class_conditional: bool = False
+    num_classes: int = 0  # set from the data: class ids 0 .. num_classes - 1; num_classes is the null class
+    label_dropout: float = 0.1  # share of training examples shown the null class (classifier-free guidance)
 
     def validate(self) -> None:
         """Refuse settings no run could use (one :class:`SettingError` naming the field)."""
@@ -88,6 +91,8 @@ class TrainConfig:
             raise SettingError(("ema_decay", self.ema_decay), "must be in [0, 1)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise SettingError(("lr_schedule", self.lr_schedule), f"expected one of {', '.join(LR_SCHEDULES)}")
+        if not 0 <= self.label_dropout < 1:
+            raise SettingError(("label_dropout", self.label_dropout), "must be in [0, 1)")
 
     def unet_config(self) -> dict[str, Any]:
         """The diffusers UNet2DModel config these size options describe."""
@@ -101,6 +106,8 @@ class TrainConfig:
             "down_block_types": down, "up_block_types": up, "norm_num_groups": self.norm_num_groups,
             "attention_head_dim": min(chans[-1], 32), "flip_sin_to_cos": True, "freq_shift": 0,
             "downsample_padding": 1, "norm_eps": 1e-5, "act_fn": "silu",
+            # the classes and one more, the null class, which label dropout teaches as "no class"
+            "num_class_embeds": self.num_classes + 1 if self.class_conditional else None,
         }
 
     def settings(self) -> SamplerSettings:
@@ -136,20 +143,28 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def init_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """Copy the weights of checkpoint ``cfg.init`` (any model reference) into ``model``; its UNet and its objective
-    must be the ones the options describe."""
+    must be the ones the options describe. A class-conditional run may start from the same UNet without classes:
+    its class embedding starts at zero, so the model starts as exactly the unconditional one."""
     from .checkpoint import load
     from .unet import normalize_config
 
     ck = load(cfg.init)
     want, have = normalize_config(cfg.unet_config()), ck.model.config
-    differs = [f"{k} {have.get(k)!r}, options give {v!r}" for k, v in want.items() if have.get(k) != v]
+    adds_classes = cfg.class_conditional and have.get("num_class_embeds") is None
+    ignored = {"num_class_embeds"} if adds_classes else set()
+    differs = [f"{k} {have.get(k)!r}, options give {v!r}" for k, v in want.items()
+               if have.get(k) != v and k not in ignored]
     if differs:
         raise SettingError(("init", cfg.init), f"its UNet differs from the size options ({'; '.join(differs)})")
     mine = cfg.settings()
     if (ck.settings.kind, ck.settings.prediction_type) != (mine.kind, mine.prediction_type):
         raise SettingError([("init", cfg.init), ("objective", cfg.objective)],
                            f"the checkpoint predicts {ck.settings.prediction_type}")
-    model.load_state_dict(ck.model.state_dict())
+    missing, unexpected = model.load_state_dict(ck.model.state_dict(), strict=not adds_classes)
+    if adds_classes:
+        assert not unexpected and all(k.startswith("class_embedding.") for k in missing), (missing, unexpected)
+        with torch.no_grad():
+            model.class_embedding.weight.zero_()
 
 
 def ema_decay_at(step: int, cfg: TrainConfig) -> float:
@@ -170,10 +185,13 @@ def batch_indices(step: int, n: int, cfg: TrainConfig, rank: int, world: int) ->
 
 
 def training_example(x0: Tensor, step: int, cfg: TrainConfig, settings: SamplerSettings, rank: int,
-                     alphas_cumprod: Tensor | None = None):
-    """Noised inputs, model times and targets for one batch x0 (B, C, H, W); randomness from (seed, step, rank).
+                     alphas_cumprod: Tensor | None = None, labels: Tensor | None = None):
+    """Noised inputs, model times, targets and class labels (None for an unconditional run) for one batch
+    x0 (B, C, H, W); randomness from (seed, step, rank).
 
     ``alphas_cumprod``: the VP schedule's table (float64, (T,)), computed once by the caller; built here if None.
+    ``labels``: the batch's classes; a share ``label_dropout`` of them becomes the null class (drawn after every
+    other draw, so an unconditional run's examples are the same with or without this).
     """
     g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)
     B = x0.shape[0]
@@ -195,17 +213,24 @@ def training_example(x0: Tensor, step: int, cfg: TrainConfig, settings: SamplerS
     a, b = a.float().view(-1, 1, 1, 1), b.float().view(-1, 1, 1, 1)
     x_t = a * x0 + b * eps
     target = from_x0_eps(x0, eps, a, b, cfg.objective)
-    return x_t, t_model.float(), target
+    if labels is not None:
+        dropped = torch.rand(B, generator=g) < cfg.label_dropout
+        labels = torch.where(dropped, torch.full_like(labels, cfg.num_classes), labels)
+    return x_t, t_model.float(), target, labels
 
 
 def _save_state(out: Path, state: TrainState, cfg: TrainConfig, elapsed: float = 0.0,
-                scaler: "torch.amp.GradScaler | None" = None) -> None:
+                scaler: "torch.amp.GradScaler | None" = None, class_names: list[str] | None = None) -> None:
     """Write the checkpoint and the training state; each file atomically."""
     from .checkpoint import save as save_checkpoint
     from .fsutil import save_safetensors_atomic, write_bytes_atomic
 
     unwrapped = getattr(state.model, "module", state.model)
     meta = {"objective": cfg.objective, "train_step": state.step, "data": cfg.data, "data_range": [-1, 1]}
+    if cfg.class_conditional:
+        meta.update(num_classes=cfg.num_classes, null_class_label=cfg.num_classes, label_dropout=cfg.label_dropout)
+        if class_names is not None:
+            meta["class_names"] = class_names
     if cfg.init:
         meta["init"] = cfg.init
     save_checkpoint(out / "checkpoint", state.ema, cfg.settings(), meta, overwrite=True)
@@ -275,10 +300,15 @@ def preview(ema: torch.nn.Module, cfg: TrainConfig, n: int = 16, steps: int = 50
     from .images import make_grid
     from .sampler import make_generators, randn, sample
 
+    import dataclasses as dc
+
     settings = cfg.settings()
     device = next(ema.parameters()).device
     x = randn(make_generators(range(n)), (cfg.channels, cfg.image_size, cfg.image_size), device=device)
-    x0 = sample(settings.denoiser(ema), x, settings.plan(steps))
+    denoiser = settings.denoiser(ema)
+    if cfg.class_conditional:  # image i shows class i mod K
+        denoiser = dc.replace(denoiser, class_labels=torch.arange(n, device=device) % cfg.num_classes)
+    x0 = sample(denoiser, x, settings.plan(steps))
     return make_grid(x0.float().cpu())
 
 
@@ -290,8 +320,11 @@ def train(
     overwrite: bool = False,
     data: Tensor | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    labels: Tensor | None = None,
+    class_names: list[str] | None = None,
 ) -> TrainState:
-    """Run (or resume) training to ``cfg.train_steps``; returns the final state. ``data``: (N, C, H, W) in [-1, 1]."""
+    """Run (or resume) training to ``cfg.train_steps``; returns the final state. ``data``: (N, C, H, W) in [-1, 1];
+    ``labels``: (N,) class ids for a class-conditional run (``class_names`` recorded in the checkpoint)."""
     import torch.distributed as dist
 
     from .devices import rank_world
@@ -300,6 +333,8 @@ def train(
     from .unet import UNet2DModel
 
     cfg.validate()
+    if cfg.class_conditional and (labels is None or len(labels) != len(data)):
+        raise SettingError(("class_conditional", True), f"{cfg.data}: needs a class label for every image")
     rank, world = rank_world()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -339,13 +374,15 @@ def train(
         while state.step < cfg.train_steps:
             step = state.step
             idx = batch_indices(step, n, cfg, rank, world)
-            x_t, t, target = training_example(data[idx], step, cfg, settings, rank, alphas_cumprod)
+            x_t, t, target, lab = training_example(data[idx], step, cfg, settings, rank, alphas_cumprod,
+                                                   labels[idx] if cfg.class_conditional else None)
             x_t, t, target = x_t.to(device), t.to(device), target.to(device)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = torch.nn.functional.mse_loss(state.model(x_t, t).float(), target)
+                pred = state.model(x_t, t) if lab is None else state.model(x_t, t, lab.to(device))
+                loss = torch.nn.functional.mse_loss(pred.float(), target)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -373,7 +410,7 @@ def train(
                     (out / "samples").mkdir(exist_ok=True)
                     save_png(preview(ema, cfg), out / "samples" / f"step_{state.step:07d}.png")
                 if saving:
-                    _save_state(out, state, cfg, time.perf_counter() - t_start, scaler)
+                    _save_state(out, state, cfg, time.perf_counter() - t_start, scaler, class_names)
             if on_step is not None:
                 on_step({"step": state.step, "loss": log.last_loss, "lr": lr, "elapsed": time.perf_counter() - t_start})
     finally:

@@ -12,7 +12,8 @@ from ..errors import NumericsError
 from .app import command
 from .common import finite_or_note, load_engine, plan_outputs, report_doc
 from .options import (
-    DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, DeterministicOpt, DeviceOpt, DtypeOpt, InversionOpt, JsonOpt,
+    DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, ClassLabelOpt, DeterministicOpt, DeviceOpt, DtypeOpt,
+    GuidanceOpt, InversionOpt, JsonOpt,
     ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SpacingOpt, StepsOpt,
 )
 from .output import Reporter
@@ -33,6 +34,8 @@ def interpolate(
     out: OutOpt = Path("interpolation"),
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    class_label: ClassLabelOpt = None,
+    guidance_scale: GuidanceOpt = 1.0,
     deterministic: DeterministicOpt = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -50,16 +53,20 @@ def interpolate(
 
     from ..fsutil import check_writable_dir
     from ..images import make_grid, save_gif, save_png
-    from ..pipeline import SamplingOptions, batches, parse_end
+    from ..latents import read_metadata
+    from ..pipeline import SamplingOptions, batches, end_kind, labels_for, parse_class_labels, parse_end
     from ..sampler import slerp
 
     rep = Reporter(json_out, quiet)
     kinds = [end_kind(spec) for spec in (a, b)]
     if spacing is None:  # decode with the plan a latent-file end was made with
-        spacing = next((recorded_spacing(spec) for spec, k in zip((a, b), kinds) if k == "latent"), None)
+        spacing = next((read_metadata(spec).get("spacing") or None for spec, k in zip((a, b), kinds) if k == "latent"),
+                       None)
     options = SamplingOptions(steps=steps, sampler=sampler, spacing=spacing, inversion=inversion,
-                              inverting="image" in kinds, deterministic=deterministic)
+                              inverting="image" in kinds, deterministic=deterministic, guidance_scale=guidance_scale)
     engine = load_engine(model, device, dtype, options, False, rep)
+    labels = engine.class_labels(labels_for(parse_class_labels(class_label), 1, class_label)
+                                 if class_label is not None else None)
     ends = [parse_end(spec, engine.image_shape) for spec in (a, b)]
     for end in ends:
         for n in end.notes:
@@ -71,7 +78,7 @@ def interpolate(
     strip, gif = out / "strip.png", out / "interpolation.gif"
     plan_outputs(frame_paths + [strip, gif], overwrite, False)  # refuse before any work (inverting included)
 
-    x_ends = [engine.end_latent(end) for end in ends]  # (x_T, x_T-1 or None) each
+    x_ends = [engine.end_latent(end, labels) for end in ends]  # (x_T, x_T-1 or None) each
     alphas = [k / (frames - 1) for k in range(frames)]
     x_T = torch.cat([slerp(x_ends[0][0], x_ends[1][0], t) for t in alphas])  # (K, C, H, W)
     # a pair sampler's second states are interpolated alongside (the ends stay exact)
@@ -80,7 +87,9 @@ def interpolate(
     with rep.progress("decoding", frames * len(engine.plan)) as bar:
         for chunk in batches(list(range(frames)), batch_size):
             prev = None if x_prev is None else x_prev[list(chunk)]
-            x0 = engine.decode(x_T[list(chunk)], lambda info: bar.advance(len(chunk)), prev).float().cpu()
+            frame_labels = None if labels is None else labels.expand(len(chunk))
+            x0 = engine.decode(x_T[list(chunk)], lambda info: bar.advance(len(chunk)), prev,
+                               labels=frame_labels).float().cpu()
             if not all(finite_or_note(x0, [str(frame_paths[i]) for i in chunk], rep)):
                 raise NumericsError("the model produced NaN or inf values while decoding; nothing written")
             decoded.append(x0)
@@ -93,17 +102,3 @@ def interpolate(
     save_gif(list(x0), gif, boomerang=boomerang)
     rep.output(gif)
     rep.finish(report_doc("interpolate", engine, endpoints=[a, b], alphas=alphas))
-
-
-def end_kind(spec: str) -> str:
-    """seed, latent or image: what an interpolation end is, from its spelling alone."""
-    from pathlib import Path as _P
-
-    return "seed" if spec.startswith("seed:") else "latent" if _P(spec).suffix == ".safetensors" else "image"
-
-
-def recorded_spacing(spec: str) -> str | None:
-    """The spacing a latent file records (None if it records none)."""
-    from ..latents import load_latent_pair
-
-    return load_latent_pair(spec)[2].get("spacing") or None

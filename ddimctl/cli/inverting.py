@@ -13,7 +13,8 @@ from ..errors import NumericsError
 from .app import command
 from .common import finite_or_note, image_paths, load_engine, load_images, output_names, plan_batches, plan_outputs, report_doc
 from .options import (
-    DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, DeterministicOpt, DeviceOpt, DtypeOpt, InversionOpt, JsonOpt,
+    DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, ClassLabelOpt, DeterministicOpt, DeviceOpt, DtypeOpt, GuidanceOpt,
+    InversionOpt, JsonOpt,
     MaxIterOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SkipExistingOpt, SpacingOpt, StepsOpt, TolOpt,
 )
 from .output import Reporter
@@ -35,6 +36,8 @@ def invert(
     out: OutOpt = Path("latents"),
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    class_label: ClassLabelOpt = None,
+    guidance_scale: GuidanceOpt = 1.0,
     deterministic: DeterministicOpt = False,
     overwrite: OverwriteOpt = False,
     skip_existing: SkipExistingOpt = False,
@@ -47,10 +50,11 @@ def invert(
     rep = Reporter(json_out, quiet)
     job = _InversionJob(images, out, SUFFIX, rep)
     engine = job.start(model, device, dtype, batch_size, overwrite, skip_existing, steps=steps, spacing=spacing,
-                       sampler=sampler, inversion=inversion, tol=tol, max_iter=max_iter, deterministic=deterministic)
+                       sampler=sampler, inversion=inversion, tol=tol, max_iter=max_iter, deterministic=deterministic,
+                       guidance_scale=guidance_scale, labels=class_label)
     with rep.progress("inverting", job.computed * len(engine.plan)) as bar:
-        for chunk, x0, infos in job.run():
-            x_T, stats = engine.invert(x0, lambda info: bar.advance(len(chunk)))
+        for chunk, x0, infos, labels in job.run():
+            x_T, stats = engine.invert(x0, lambda info: bar.advance(len(chunk)), labels)
             x_T = x_T.float().cpu()
             ok = finite_or_note(x_T, [str(job.paths[i]) for i in chunk], rep)
             x_prev = None if stats.latents_prev is None else stats.latents_prev.float().cpu()
@@ -76,6 +80,8 @@ def reconstruct(
     out: OutOpt = Path("reconstructions"),
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    class_label: ClassLabelOpt = None,
+    guidance_scale: GuidanceOpt = 1.0,
     deterministic: DeterministicOpt = False,
     overwrite: OverwriteOpt = False,
     skip_existing: SkipExistingOpt = False,
@@ -89,11 +95,12 @@ def reconstruct(
     job = _InversionJob(images, out, ".png", rep)
     compares = [out / f"{p.stem}.compare.png" for p in job.paths]
     engine = job.start(model, device, dtype, batch_size, overwrite, skip_existing, steps=steps, spacing=spacing,
-                       sampler=sampler, inversion=inversion, tol=tol, max_iter=max_iter, deterministic=deterministic)
+                       sampler=sampler, inversion=inversion, tol=tol, max_iter=max_iter, deterministic=deterministic,
+                       guidance_scale=guidance_scale, labels=class_label)
     plan_outputs([compares[i] for i in job.work], overwrite, False)
     with rep.progress("reconstructing", job.computed * 2 * len(engine.plan)) as bar:
-        for chunk, x0, infos in job.run():
-            rec = engine.reconstruct(x0, lambda info: bar.advance(len(chunk)))
+        for chunk, x0, infos, labels in job.run():
+            rec = engine.reconstruct(x0, lambda info: bar.advance(len(chunk)), labels)
             names = [str(job.paths[i]) for i in chunk]
             ok = [a and b for a, b in zip(finite_or_note(rec.x_T, names, rep), finite_or_note(rec.x0, names, rep))]
             x_rec = rec.x0.float().cpu()
@@ -124,14 +131,16 @@ class _InversionJob:
         self.failed: list[str] = []
 
     def start(self, model: str, device: str, dtype: str, batch_size: int, overwrite: bool, skip_existing: bool,
-              **options: Any):
+              labels: str | None = None, **options: Any):
         """Build the engine and plan the outputs, refusing whatever cannot be done before any work."""
         from ..fsutil import check_writable_dir
-        from ..pipeline import SamplingOptions
+        from ..pipeline import SamplingOptions, labels_for, parse_class_labels
 
         self.options = SamplingOptions(**options, inverting=True)
         self.engine = load_engine(model, device, dtype, self.options, False, self.rep)
         self.engine.check_invertible()
+        self.labels = labels_for(parse_class_labels(labels) if labels is not None else None, len(self.paths), labels)
+        self.engine.class_labels(self.labels)  # a label the model cannot take, or none for one that needs it
         check_writable_dir(self.out)
         self.batches, self.work = plan_batches(self.targets, overwrite, skip_existing, batch_size)
         self.writes = set(self.work)
@@ -139,10 +148,15 @@ class _InversionJob:
         return self.engine
 
     def run(self):
-        """(indices, images (B, C, H, W), infos) for each batch this process computes."""
+        """(indices, images (B, C, H, W), infos, class labels or None) for each batch this process computes."""
         for chunk in self.batches:
             x0, infos = load_images([self.paths[i] for i in chunk], self.engine, self.rep)
-            yield chunk, x0, infos
+            labels = None
+            if self.labels is not None:
+                labels = self.engine.class_labels([self.labels[i] for i in chunk])
+                for info, i in zip(infos, chunk):
+                    info["class_label"] = self.labels[i]
+            yield chunk, x0, infos, labels
 
     def keep(self, ok: bool, i: int, j: int, info: dict, calls: int, stats, **extra: Any) -> bool:
         """Record image i's result, j-th of its batch (calls: batched model evaluations for its batch); False when

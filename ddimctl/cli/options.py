@@ -79,3 +79,22 @@ DeterministicOpt = Annotated[
 
 DEFAULT_STEPS = 50
 DEFAULT_BATCH_SIZE = 16
+
+ClassLabelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--class-label",
+        help="Class-conditional models: the class of every image (an integer), or a file with one label per line, "
+        "the i-th for the i-th image. sample's default: image i gets class i mod the number of classes.",
+        show_default=False,
+    ),
+]
+GuidanceOpt = Annotated[
+    float,
+    typer.Option(
+        "--guidance-scale",
+        min=0.0,
+        help="Classifier-free guidance weight w (class-conditional models with a null class): "
+        "uncond + w (cond - uncond); 1 is no guidance.",
+    ),
+]

@@ -12,7 +12,8 @@ from ..errors import DdimctlError, NumericsError
 from .app import command
 from .common import finite_or_note, load_engine, plan_batches, plan_outputs, report_doc
 from .options import (
-    DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, ChannelsLastOpt, ClipOpt, CompileOpt, DeterministicOpt,
+    DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, ChannelsLastOpt, ClassLabelOpt, ClipOpt, CompileOpt,
+    DeterministicOpt, GuidanceOpt,
     DeviceOpt, DtypeOpt, EtaOpt, JsonOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SeedOpt,
     SkipExistingOpt, SpacingOpt, StepsOpt,
 )
@@ -29,6 +30,8 @@ def sample(
     sampler: SamplerOpt = "ddim",
     clip_sample: ClipOpt = None,
     seed: SeedOpt = 0,
+    class_label: ClassLabelOpt = None,
+    guidance_scale: GuidanceOpt = 1.0,
     batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
     out: OutOpt = Path("samples"),
     fmt: Annotated[str, typer.Option("--format", help="png (one file per image) or safetensors (samples.safetensors).")] = "png",
@@ -47,7 +50,7 @@ def sample(
 ) -> None:
     """Generate images from noise: image i uses seed + i, whatever --batch-size."""
     from ..devices import rank_world
-    from ..pipeline import SamplingOptions
+    from ..pipeline import SamplingOptions, labels_for, parse_class_labels
 
     if fmt not in ("png", "safetensors"):
         raise typer.BadParameter(f"{fmt!r} is not png or safetensors", param_hint="--format")
@@ -64,15 +67,18 @@ def sample(
             spacing = meta["spacing"]  # decode with the plan the latents were made with
             rep.note(f"{latents}: spacing {spacing}, as recorded in the file")
     options = SamplingOptions(steps=steps, eta=eta, sampler=sampler, spacing=spacing, clip_sample=clip_sample,
-                              channels_last=channels_last, deterministic=deterministic)
+                              channels_last=channels_last, deterministic=deterministic, guidance_scale=guidance_scale)
     engine = load_engine(model, device, dtype, options, compile_model, rep)
+    labels = labels_for(parse_class_labels(class_label) if class_label is not None else None, n, class_label)
+    labels = labels if labels is not None else engine.default_labels(range(n))
+    engine.class_labels(labels)  # refuse labels the model cannot take before any work
     if x_given is not None:
         from ..latents import check_shape
 
         check_shape(x_given, engine.image_shape, latents)
         if x_prev is not None:
             engine.check_latent_pair(latents, meta)
-    job = _SampleJob(engine, rep, out, [f"{i:06d}" for i in range(n)], seed, fmt, grid, save_latents)
+    job = _SampleJob(engine, rep, out, [f"{i:06d}" for i in range(n)], seed, fmt, grid, save_latents, labels)
     job.plan(overwrite, skip_existing, batch_size)
     job.run(x_given, x_prev)
     job.finish()
@@ -83,8 +89,9 @@ class _SampleJob:
     written image by image as each batch finishes."""
 
     def __init__(self, engine, rep: Reporter, out: Path, names: list[str], seed: int, fmt: str,
-                 grid: Path | None, save_latents: bool):
+                 grid: Path | None, save_latents: bool, labels: list[int] | None):
         self.engine, self.rep, self.out, self.names, self.seed = engine, rep, out, names, seed
+        self.labels = labels
         self.fmt, self.grid, self.save_latents = fmt, grid, save_latents
         self.pngs = [out / f"{nm}.png" for nm in names]
         self.stacked = out / "samples.safetensors"
@@ -107,6 +114,9 @@ class _SampleJob:
         if self.grid is not None:
             plan_outputs([self.grid], overwrite, False)
 
+    def _label_meta(self, i: int) -> dict:
+        return {} if self.labels is None else {"class_label": self.labels[i]}
+
     def _latent_path(self, i: int) -> Path:
         from ..latents import SUFFIX
 
@@ -117,8 +127,9 @@ class _SampleJob:
             for chunk in self.batches:
                 given = x_given[list(chunk)] if x_given is not None else None
                 given_prev = x_prev[list(chunk)] if x_prev is not None else None
+                labels = None if self.labels is None else self.engine.class_labels([self.labels[i] for i in chunk])
                 x_T, x0 = self.engine.generate([self.seed + i for i in chunk], given, lambda info: bar.advance(len(chunk)),
-                                               given_prev)
+                                               given_prev, labels)
                 self._write(chunk, x_T, x0.float().cpu())
 
     def _write(self, chunk, x_T, x0) -> None:
@@ -133,7 +144,8 @@ class _SampleJob:
                 self.failed.append(self.names[i])
                 continue
             if self.save_latents:
-                save_latents(self._latent_path(i), x_T[j : j + 1], {**self.engine.provenance(), "seed": self.seed + i})
+                meta = {**self.engine.provenance(), "seed": self.seed + i, **self._label_meta(i)}
+                save_latents(self._latent_path(i), x_T[j : j + 1], meta)
             if self.fmt == "png":
                 save_png(x0[j], self.pngs[i])
                 self.rep.output(self.pngs[i])
@@ -156,7 +168,9 @@ class _SampleJob:
         if self.grid is not None and self.kept:
             save_png(make_grid(torch.stack([self.kept[i] for i in sorted(self.kept)])), self.grid)
             self.rep.output(self.grid)
-        self.rep.finish(report_doc("sample", self.engine, seeds=[self.seed + i for i in self.work], failed=self.failed))
+        extra = {} if self.labels is None else {"class_labels": [self.labels[i] for i in self.work]}
+        self.rep.finish(report_doc("sample", self.engine, seeds=[self.seed + i for i in self.work], **extra,
+                                   failed=self.failed))
         if self.failed:
             raise NumericsError(f"{len(self.failed)} of {len(self.work)} images had NaN or inf values and were not "
                                 f"written: {', '.join(self.failed[:5])}")

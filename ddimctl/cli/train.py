@@ -34,6 +34,8 @@ def train(
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 2e-4,
     warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear learning-rate warm-up.")] = 200,
     lr_schedule: Annotated[str, typer.Option("--lr-schedule", help="After warm-up: constant, or cosine (decays to 0 at --train-steps).")] = "constant",
+    class_conditional: Annotated[bool, typer.Option("--class-conditional", help="Learn p(x | class): labels from the built-in datasets, or one subfolder per class in an image folder; the model gets a null class too (see --label-dropout).")] = False,
+    label_dropout: Annotated[float, typer.Option("--label-dropout", help="Class-conditional: share of examples shown the null class, which classifier-free guidance needs.")] = 0.1,
     init: Annotated[str | None, typer.Option("--init", help="Start from this checkpoint's weights (built-in name, path or Hub id; same UNet and objective); the optimizer starts fresh.")] = None,
     ema_decay: Annotated[float, typer.Option("--ema-decay", help="EMA decay of the saved weights.")] = 0.999,
     grad_clip: Annotated[float, typer.Option("--grad-clip", help="Gradient-norm clip (0: off).")] = 1.0,
@@ -67,7 +69,7 @@ def train(
             batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, ema_decay=ema_decay, grad_clip=grad_clip,
             seed=seed, hflip=hflip, save_every=save_every, sample_every=sample_every, log_every=log_every,
             mixed_precision=mixed_precision,
-            lr_schedule=lr_schedule, init=init,
+            lr_schedule=lr_schedule, init=init, class_conditional=class_conditional, label_dropout=label_dropout,
         ))
     finally:
         torch.set_num_threads(threads_before)  # in-process callers (tests, notebooks) keep their setting
@@ -75,15 +77,18 @@ def train(
 
 def _train(data: str, out: Path, device: str, resume: bool, overwrite: bool, quiet: bool, cfg: "TrainConfig") -> None:
     """Load the data, run :func:`ddimctl.train.train` with a progress bar, report the checkpoint."""
-    from ..data import load_dataset
+    from ..data import load_training_data
     from ..devices import rank_world, resolve_device
     from ..train import train as run
 
     cfg.validate()
     dev = resolve_device(device)
-    images, skipped, described = load_dataset(data, cfg.image_size, cfg.channels)
+    loaded = load_training_data(data, cfg.image_size, cfg.channels, labelled=cfg.class_conditional)
+    images, skipped, described = loaded.images, loaded.skipped, loaded.description
     if images.shape[1] != cfg.channels:
         images = images[:, : cfg.channels]
+    if cfg.class_conditional:
+        cfg.num_classes = len(loaded.class_names)
     say = (lambda m: None) if quiet else (lambda m: sys.stderr.write(m + "\n"))
     say(f"training on {len(images)} images ({described}){f', {skipped} unreadable files skipped' if skipped else ''}")
     rank = rank_world()[0]
@@ -93,7 +98,8 @@ def _train(data: str, out: Path, device: str, resume: bool, overwrite: bool, qui
         def on_step(info):
             bar.update(completed=info["step"], loss=info["loss"], rate=info["step"] / max(info["elapsed"], 1e-9))
 
-        state = run(cfg, out, dev, resume=resume, overwrite=overwrite, data=images, on_step=on_step)
+        state = run(cfg, out, dev, resume=resume, overwrite=overwrite, data=images, on_step=on_step,
+                    labels=loaded.labels, class_names=loaded.class_names)
     if rank == 0:
         sys.stdout.write(f"{out / 'checkpoint'}\n")
         say(f"step {state.step}: checkpoint {out / 'checkpoint'} (sample with: ddimctl sample --model {out / 'checkpoint'})")
