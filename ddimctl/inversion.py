@@ -39,6 +39,12 @@ SOLVERS = ("improved", "anderson")
 _S2 = 0.25  # data variance of the Gaussian surrogate whose denoiser Jacobian preconditions the multistep solve
 
 
+def _select(denoise, idx: Tensor):
+    """``denoise`` for the images ``idx`` of the batch (a Denoiser slices its class labels; a plain callable is
+    taken to be the same for every image)."""
+    return denoise.select(idx) if hasattr(denoise, "select") else denoise
+
+
 @dataclass
 class InversionStats:
     """What an inversion cost and reached.
@@ -292,7 +298,7 @@ def _invert_multistep(update, denoise, x0, plan, callback, tol, max_iter, stats,
                                            lams[j]) for i in (0, 1)) for j in range(k)]
 
             def evaluate(x: Tensor, idx: Tensor, k=k, a=a, b=b, memory=memory):
-                out = denoise(x, ts[k : k + 1], a, b)
+                out = _select(denoise, idx)(x, ts[k : k + 1], a, b)
                 stats.model_calls += 1
                 return update(plan, k, x, memory(out, idx) + [out]), out
 
@@ -396,7 +402,7 @@ def _global_newton(update, denoise, plan, ts, xs, outs, gains, share, max_rounds
         idx = active.nonzero().flatten()
         for k in range(S):
             xk = X_new[idx, k].to(xs[k].dtype).view(len(idx), *shape[1:])
-            out = denoise(xk, ts[k : k + 1], float(plan.a[k]), float(plan.b[k]))
+            out = _select(denoise, idx)(xk, ts[k : k + 1], float(plan.a[k]), float(plan.b[k]))
             stats.model_calls += 1
             x_new, x0_new, eps_new = xs[k].clone(), outs[k][0].clone(), outs[k][1].clone()
             x_new[idx], x0_new[idx], eps_new[idx] = xk, out[0], out[1]

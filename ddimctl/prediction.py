@@ -14,6 +14,7 @@ diffusers' DDIMScheduler does (eps_hat is left as the model gave it). Samplers o
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -149,6 +150,13 @@ class Denoiser:
         elif self.clip_sample is not None:
             x0 = x0.clamp(-self.clip_sample, self.clip_sample)
         return x0, eps
+
+    def select(self, idx: Tensor) -> "Denoiser":
+        """The same denoiser for the samples ``idx`` of its batch (its class labels sliced; itself when it has
+        none): solvers that keep working on some images of a batch only call it this way."""
+        if self.class_labels is None:
+            return self
+        return dataclasses.replace(self, class_labels=self.class_labels[idx.to(self.class_labels.device)])
 
     def frozen_jacobian(self, a: float, b: float) -> tuple[float, float]:
         """``(d x0_hat / d x, d eps_hat / d x)`` with the model output held (see :func:`frozen_jacobian`); the

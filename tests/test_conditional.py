@@ -1,0 +1,152 @@
+"""Class-conditional models and classifier-free guidance: the formula, the refusals, diffusers parity, exact
+inversion under guidance, and class-conditional training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddimctl.checkpoint import save
+from ddimctl.pipeline import Engine, SamplingOptions
+from ddimctl.prediction import Denoiser
+from ddimctl.settings import SamplerSettings
+from ddimctl.unet import UNet2DModel
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+ENV.pop("DDIMCTL_DEBUG", None)
+TINY = {
+    "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16], "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 4, "attention_head_dim": 8, "num_class_embeds": 4,
+}
+
+
+def tiny_conditional(seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    model = UNet2DModel.from_config(TINY).eval()
+    with torch.no_grad():
+        model.class_embedding.weight.mul_(3.0)  # classes that really change the output
+        model.conv_out.weight.mul_(0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def cond_dir(tmp_path_factory) -> Path:
+    """3 classes + null class 3, as ddimctl's own training writes it."""
+    d = tmp_path_factory.mktemp("cond") / "m"
+    save(d, tiny_conditional(), SamplerSettings.from_config({"clip_sample": True}),
+         {"num_classes": 3, "null_class_label": 3})
+    return d
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "ddimctl", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+
+
+def test_guidance_is_one_forward_of_2b_combined_by_the_formula():
+    calls = []
+
+    def model(x, t, labels):
+        calls.append(labels.tolist())
+        return x * 0.5 + labels.view(-1, 1).double()  # each class its own output
+
+    x = torch.randn(3, 4, dtype=torch.float64)
+    t = torch.tensor([10.0])
+    labels = torch.tensor([0, 2, 1])
+    w = 2.5
+    out = Denoiser(model, class_labels=labels, guidance_scale=w, null_label=3).model_output(x, t)
+    assert calls == [[0, 2, 1, 3, 3, 3]]  # one call: the B conditional samples, then the same B with the null class
+    cond, uncond = model(x, t, labels), model(x, t, torch.full((3,), 3))
+    torch.testing.assert_close(out, uncond + w * (cond - uncond), rtol=0, atol=0)
+    # w = 1 is the plain conditional model (one forward of B)
+    calls.clear()
+    torch.testing.assert_close(Denoiser(model, class_labels=labels).model_output(x, t), cond, rtol=0, atol=0)
+    assert calls == [[0, 2, 1]]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--class-label", "7"], "--class-label 7: the model has classes 0 .. 3; 3 is its null class"),
+    (["--guidance-scale", "2", "--model", "mnist"], "--guidance-scale 2.0: the model is not class-conditional"),
+    (["--class-label", "1", "--model", "mnist"], "--class-label 1: the model is not class-conditional"),
+])
+def test_label_and_guidance_refusals_are_one_line(cond_dir, tmp_path, args, needle):
+    full = ["sample", "--n", 2, "--steps", 3, "--out", tmp_path / "o"]
+    if "--model" not in args:
+        full += ["--model", cond_dir]
+    r = run(*full, *args)
+    assert r.returncode == 1 and r.stderr.strip() == f"ddimctl: {needle}", r.stderr
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_guidance_needs_a_declared_null_class(tmp_path):
+    d = tmp_path / "m"
+    save(d, tiny_conditional(), SamplerSettings(), {})  # class-conditional, but no null_class_label
+    r = run("sample", "--model", d, "--n", 1, "--steps", 2, "--guidance-scale", 3, "--out", tmp_path / "o")
+    assert r.returncode == 1 and "--guidance-scale 3.0: the model declares no null" in r.stderr
+    r = run("invert", tmp_path / "none.png", "--model", d, "--steps", 2, "--out", tmp_path / "l")
+    assert r.returncode == 1  # a missing image, named first
+    ok = run("sample", "--model", d, "--n", 1, "--steps", 2, "--class-label", 2, "--out", tmp_path / "o2")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_class_conditional_sampling_equals_diffusers(cond_dir):
+    """diffusers' UNet2DModel with class labels under its DDIMScheduler, stepped by hand, from the same x_T."""
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DModel.from_pretrained(cond_dir).eval()
+    scheduler = diffusers.DDIMScheduler.from_pretrained(cond_dir)
+    scheduler.set_timesteps(6)
+    engine = Engine.load(cond_dir, SamplingOptions(steps=6))
+    labels = torch.tensor([0, 1, 2, 2])
+    x_T = engine.noise([0, 1, 2, 3])
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x).prev_sample
+    _, ours = engine.generate([0, 1, 2, 3], x_T, labels=engine.class_labels(labels))
+    assert float((ours - x).abs().max()) <= 1e-4
+    _, other = engine.generate([0, 1, 2, 3], x_T, labels=engine.class_labels([1, 0, 0, 1]))
+    assert float((other - x).abs().max()) > 1e-2  # the labels matter
+
+
+def test_exact_inversion_under_guidance_gives_the_image_back(cond_dir):
+    engine = Engine.load(cond_dir, SamplingOptions(steps=8, guidance_scale=3.0, inverting=True, tol=1e-5))
+    labels = engine.class_labels([0, 2])
+    _, x0 = engine.generate([5, 6], labels=labels)
+    x0 = x0.clamp(-1, 1)
+    exact = engine.reconstruct(x0, labels=labels)
+    plain = Engine.load(cond_dir, SamplingOptions(steps=8, guidance_scale=3.0, inverting=True,
+                                                  inversion="plain")).reconstruct(x0, labels=labels)
+    assert float(exact.mse.max()) <= 1e-8 < float(plain.mse.max())
+    # decoding the same latents under another class gives another image: the label is in the inversion
+    other = engine.decode(exact.x_T, labels=engine.class_labels([1, 1]))
+    assert float((other - exact.x0).abs().max()) > 1e-2
+
+
+def test_class_conditional_training_records_the_null_class_and_starts_from_an_unconditional_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from ddimctl.cli import app
+
+    tiny = ["--image-size", "8", "--base-channels", "8", "--channel-mult", "1,2", "--attention-resolutions", "4",
+            "--norm-groups", "4", "--batch-size", "8", "--threads", "1", "--quiet"]
+    r = CliRunner().invoke(app, ["train", "digits", "--out", str(tmp_path / "u"), "--train-steps", "4", *tiny])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["train", "digits", "--out", str(tmp_path / "c"), "--train-steps", "1", "--lr", "0",
+                                 "--class-conditional", "--init", str(tmp_path / "u" / "checkpoint"), *tiny])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "c" / "checkpoint" / "ddimctl.json").read_text())
+    assert meta["num_classes"] == 10 and meta["null_class_label"] == 10 and meta["class_names"][3] == "3"
+    from ddimctl.checkpoint import load
+
+    u, c = load(tmp_path / "u" / "checkpoint").model, load(tmp_path / "c" / "checkpoint").model
+    assert c.num_class_embeds == 11
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([300.0])
+    with torch.inference_mode():  # lr 0: still the unconditional model, whatever the class
+        assert torch.equal(c(x, t, torch.tensor([4, 10])), u(x, t))
