@@ -113,6 +113,18 @@ class Reconstruction:
 
 
 @dataclass
+class Edit:
+    """What :meth:`Engine.edit` gives: the part-way latent ``x_mid`` (at the level where regeneration starts), the
+    ``edited`` images, the inversion's ``stats``, the ``steps`` regenerated and each edit's MSE to its source."""
+
+    x_mid: Tensor
+    edited: Tensor
+    stats: InversionStats
+    steps: int
+    mse: Tensor
+
+
+@dataclass
 class Engine:
     """A model ready to sample and invert with fixed options.
 
@@ -179,21 +191,23 @@ class Engine:
         return cls(model, ckpt.settings, options, shape, device, dtype, source=ckpt.resolved,
                    num_classes=num_classes, null_label=null_label)
 
-    def class_labels(self, labels: Sequence[int] | Tensor | None, n: int | None = None) -> Tensor | None:
+    def class_labels(self, labels: Sequence[int] | Tensor | None, n: int | None = None,
+                     field: str = "class_label") -> Tensor | None:
         """Check class labels for this model and return them as a (B,) int64 tensor (None for an unconditional
-        model). ``n``: the batch size, when one label (a single int) is given for all of it."""
+        model). ``n``: the batch size, when one label (a single int) is given for all of it; ``field``: the setting
+        the labels came from, named in errors."""
         if labels is None:
             if self.num_classes is not None:
-                raise SettingError(("class_label", "none"), f"the model is class-conditional: give each image a class "
+                raise SettingError((field, "none"), f"the model is class-conditional: give each image a class "
                                    f"(0 .. {self.num_classes - 1})")
             return None
         values = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         if self.num_classes is None:
-            raise SettingError(("class_label", int(values[0])), "the model is not class-conditional")
+            raise SettingError((field, int(values[0])), "the model is not class-conditional")
         bad = values[(values < 0) | (values >= self.num_classes)]
         if len(bad):
             null = f"; {self.null_label} is its null class" if self.null_label is not None else ""
-            raise SettingError(("class_label", int(bad[0])), f"the model has classes 0 .. {self.num_classes - 1}{null}")
+            raise SettingError((field, int(bad[0])), f"the model has classes 0 .. {self.num_classes - 1}{null}")
         if n is not None and len(values) == 1:
             values = values.expand(n)
         return values.to(self.device)
@@ -337,14 +351,15 @@ class Engine:
                                f"no inversion for this sampler yet (invertible: {', '.join(INVERT_FUNCTIONS)})")
 
     @torch.inference_mode()
-    def invert(self, x0: Tensor, callback=None, labels: Tensor | None = None) -> tuple[Tensor, InversionStats]:
+    def invert(self, x0: Tensor, callback=None, labels: Tensor | None = None,
+               plan: SamplingPlan | None = None) -> tuple[Tensor, InversionStats]:
         """x_T (B, C, H, W) whose eta = 0 sample with this sampler is x0, and what the inversion cost. For a pair
         sampler (bdia) ``stats.latents_prev`` holds the latent's second state x_{T-1}."""
         self.check_invertible()
         _, ode = self._denoisers(labels)
         stats = InversionStats()
         x, x_prev = INVERT_FUNCTIONS[self.options.sampler](
-            ode, x0.to(self.device, self._state_dtype), self.plan, self.options.inversion == "exact",
+            ode, x0.to(self.device, self._state_dtype), plan or self.plan, self.options.inversion == "exact",
             self.options.tol, self.options.max_iter, callback, stats,
         )
         stats.latents_prev = x_prev  # kept in the state's dtype: a bdia pair rounded to float32 decodes ~1e-4 off
@@ -359,18 +374,18 @@ class Engine:
 
     @torch.inference_mode()
     def decode(self, x_T: Tensor, callback=None, x_prev: Tensor | None = None, denoiser=None,
-               labels: Tensor | None = None) -> Tensor:
+               labels: Tensor | None = None, plan: SamplingPlan | None = None) -> Tensor:
         """The eta = 0 sample of x_T with this sampler, without clipping (the inverse of :meth:`invert`;
         reconstruct, interpolate). ``x_prev``: the second state of a pair latent (bdia only)."""
         denoiser = denoiser if denoiser is not None else self._denoisers(labels)[1]
         x = x_T.to(self.device, x_T.dtype if x_T.dtype == torch.float64 else torch.float32)
         if self.pair_latents:
             x_next = None if x_prev is None else x_prev.to(self.device, self._state_dtype)
-            return sample_bdia(denoiser, x.to(self._state_dtype), self.plan, x_next, callback=callback).float()
+            return sample_bdia(denoiser, x.to(self._state_dtype), plan or self.plan, x_next, callback=callback).float()
         if x_prev is not None:
             raise SettingError(("sampler", self.options.sampler),
                                f"a latent pair (x_T, x_T-1) decodes only with the {PAIR_SAMPLERS[0]} sampler")
-        return sample(denoiser, x.float(), self.plan, self.options.sampler, 0.0, None, callback)
+        return sample(denoiser, x.float(), plan or self.plan, self.options.sampler, 0.0, None, callback)
 
     def decode_calls(self, pair: bool = False) -> int:
         """Model calls :meth:`decode` makes per batch (one fewer from a bdia pair: its first state is given)."""
@@ -386,6 +401,27 @@ class Engine:
         target = x0.to(rec.device, rec.dtype)
         return Reconstruction(x_T, rec, mse(rec, target), psnr(rec, target), stats,
                               decode_calls=self.decode_calls(x_prev is not None), x_prev=x_prev)
+
+    def edit_steps(self, strength: float) -> int:
+        """How many of the plan's steps an edit of ``strength`` in (0, 1] regenerates (at least one)."""
+        if not 0 < strength <= 1:
+            raise SettingError(("strength", strength), "must be in (0, 1]")
+        return max(1, round(strength * len(self.plan)))
+
+    def edit(self, x0: Tensor, source: Tensor, target: Tensor, strength: float = 1.0, callback=None) -> "Edit":
+        """DDIM editing of images x0 (B, C, H, W) in [-1, 1] from class ``source`` to class ``target`` (each (B,),
+        see :meth:`class_labels`): invert exactly under the source class over the last ``strength`` share of the
+        plan's steps (1: all of them, to x_T), then sample from there under the target class. Less strength keeps
+        more of the image (only the less noisy part of the trajectory is regenerated)."""
+        from .images import mse
+
+        k = self.edit_steps(strength)
+        if self.pair_latents and k < 2:
+            raise SettingError(("strength", strength), f"the {PAIR_SAMPLERS[0]} sampler needs at least 2 steps to regenerate")
+        plan = self.plan.tail(k)
+        x_mid, stats = self.invert(x0, callback, source, plan)
+        edited = self.decode(x_mid, callback, stats.latents_prev, labels=target, plan=plan)
+        return Edit(x_mid, edited, stats, k, mse(edited, x0.to(edited.device, edited.dtype)))
 
     @torch.inference_mode()
     def second_state(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:

@@ -191,6 +191,12 @@ class SamplingPlan:
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    def tail(self, k: int) -> "SamplingPlan":
+        """The last ``k`` steps (1 <= k <= S): from level S - k, part-way noised, to the clean end."""
+        if not 1 <= k <= len(self):
+            raise ValueError(f"a plan of {len(self)} steps has no tail of {k}")
+        return SamplingPlan(self.timesteps[-k:], self.a[-k - 1 :], self.b[-k - 1 :])
+
 
 def make_plan(schedule: Schedule, steps: int, spacing: str = "leading", steps_offset: int = 0) -> SamplingPlan:
     """Choose ``steps`` timesteps with ``spacing`` and attach their noise levels.

@@ -150,3 +150,25 @@ def test_class_conditional_training_records_the_null_class_and_starts_from_an_un
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([300.0])
     with torch.inference_mode():  # lr 0: still the unconditional model, whatever the class
         assert torch.equal(c(x, t, torch.tensor([4, 10])), u(x, t))
+
+
+def test_edit_changes_the_class_and_editing_to_the_same_class_gives_the_image_back(cond_dir, tmp_path):
+    from ddimctl.images import save_png
+
+    engine = Engine.load(cond_dir, SamplingOptions(steps=6))
+    _, x0 = engine.generate([1], labels=engine.class_labels([0]))
+    save_png(x0[0].clamp(-1, 1), tmp_path / "a.png")
+    common = ["--model", cond_dir, "--steps", 6, "--class-label", 0, "--tol", 1e-5, "--json", "--quiet"]
+    same = run("edit", tmp_path / "a.png", *common, "--to-class-label", 0, "--out", tmp_path / "same")
+    other = run("edit", tmp_path / "a.png", *common, "--to-class-label", 2, "--out", tmp_path / "other")
+    half = run("edit", tmp_path / "a.png", *common, "--to-class-label", 2, "--strength", 0.5, "--out", tmp_path / "half")
+    for r in (same, other, half):
+        assert r.returncode == 0, r.stderr
+    docs = [json.loads(r.stdout) for r in (same, other, half)]
+    mses = [d["images"][0]["mse_to_source"] for d in docs]
+    assert mses[0] <= 1e-6 < mses[1]  # the same class: an exact round trip; another class: another image
+    assert mses[2] < mses[1]  # regenerating half the trajectory keeps more of the source
+    assert docs[2]["steps_regenerated"] == 3 and docs[1]["images"][0]["to_class_label"] == 2
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["a.compare.png", "a.png"]
+    r = run("edit", tmp_path / "a.png", "--model", "mnist", "--to-class-label", 1, "--out", tmp_path / "x")
+    assert r.returncode == 1 and r.stderr.strip() == "ddimctl: --to-class-label 1: the model is not class-conditional"
