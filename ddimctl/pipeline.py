@@ -105,6 +105,7 @@ class Reconstruction:
     stats: InversionStats
     decode_calls: int = 0
     x_prev: Tensor | None = None  # the latent's second state, for a pair sampler (bdia)
+    autoencoder_mse: Tensor | None = None  # latent diffusion: the autoencoder's own round trip (encode, decode)
 
     @property
     def model_calls(self) -> int:
@@ -128,8 +129,14 @@ class Edit:
 class Engine:
     """A model ready to sample and invert with fixed options.
 
-    ``model``: ``model(x, t) -> output`` in ``model_dtype`` on ``device``; ``image_shape``: (C, H, W);
-    ``source``: where the model came from (a :class:`ddimctl.checkpoint.Resolved`), for provenance records.
+    ``model``: ``model(x, t) -> output`` in ``model_dtype`` on ``device``; ``image_shape``: (C, H, W) of the
+    images it makes and takes; ``source``: where the model came from (a :class:`ddimctl.checkpoint.Resolved`), for
+    provenance records.
+
+    Latent diffusion: with an ``autoencoder`` (:mod:`ddimctl.autoencoder`: ``encode(images) -> latents``,
+    ``decode(latents) -> images``, scaled as diffusers' pipelines scale them) the sampler works on latents of
+    ``latent_shape`` (the UNet's), x_T is a latent, and :meth:`generate` / :meth:`decode` return decoded images while
+    :meth:`invert` encodes its images first.
     """
 
     model: Callable[[Tensor, Tensor], Tensor]
@@ -141,8 +148,12 @@ class Engine:
     source: Any = None
     num_classes: int | None = None  # class-conditional: the model's class embeddings, labels 0 .. num_classes - 1
     null_label: int | None = None  # the label the model was trained to read as "no class" (guidance needs it)
+    autoencoder: Any = None  # latent diffusion: images <-> the latents the model samples
+    latent_shape: tuple[int, int, int] | None = None  # what the sampler works on; None: image_shape
 
     def __post_init__(self) -> None:
+        if self.latent_shape is None:
+            self.latent_shape = self.image_shape
         self.options.check()
         w = self.options.guidance_scale
         if w != 1.0 and self.num_classes is None:
@@ -305,8 +316,30 @@ class Engine:
     # -- the jobs ------------------------------------------------------------------------------------------------
 
     def noise(self, seeds: Sequence[int]) -> Tensor:
-        """x_T for each seed: (B, C, H, W) float32 on the device; identical on every device and batch."""
-        return randn(make_generators(seeds), self.image_shape, torch.float32, self.device)
+        """x_T for each seed: (B, *latent_shape) float32 on the device; identical on every device and batch."""
+        return randn(make_generators(seeds), self.latent_shape, torch.float32, self.device)
+
+    @torch.inference_mode()
+    def to_latents(self, images: Tensor) -> Tensor:
+        """Images (B, *image_shape) in [-1, 1] -> what the sampler works on (the autoencoder's scaled latents; the
+        images themselves without one)."""
+        images = images.to(self.device, torch.float32)
+        if self.autoencoder is None:
+            return images
+        return self._autoencode(self.autoencoder.encode, images)
+
+    @torch.inference_mode()
+    def to_images(self, latents: Tensor) -> Tensor:
+        """The inverse of :meth:`to_latents` (the autoencoder's decoder; unclamped)."""
+        if self.autoencoder is None:
+            return latents
+        return self._autoencode(self.autoencoder.decode, latents.float())
+
+    def _autoencode(self, fn, x: Tensor) -> Tensor:
+        dtype = next(self.autoencoder.parameters()).dtype
+        if self.options.deterministic:  # each image alone, as the UNet runs then
+            return torch.cat([fn(x[i : i + 1].clone().to(dtype)) for i in range(x.shape[0])]).float()
+        return fn(x.to(dtype)).float()
 
     @torch.inference_mode()
     def generate(self, seeds: Sequence[int], x_T: Tensor | None = None, callback=None,
@@ -319,13 +352,13 @@ class Engine:
         """
         denoiser, _ = self._denoisers(labels)
         gens = make_generators(seeds)
-        drawn = randn(gens, self.image_shape, torch.float32, self.device)
+        drawn = randn(gens, self.latent_shape, torch.float32, self.device)
         x = drawn if x_T is None else x_T.to(self.device, torch.float32)
         if x_prev is not None:  # a latent pair: only the pair sampler reads it (Engine.decode checks the sampler)
             return x, self.decode(x, callback, x_prev, denoiser=denoiser)
         x0 = sample(denoiser, x, self.plan, self.options.sampler, self.options.eta,
                     gens if self.options.eta > 0 else None, callback)
-        return x, x0
+        return x, self.to_images(x0)
 
     @property
     def pair_latents(self) -> bool:
@@ -359,7 +392,7 @@ class Engine:
         _, ode = self._denoisers(labels)
         stats = InversionStats()
         x, x_prev = INVERT_FUNCTIONS[self.options.sampler](
-            ode, x0.to(self.device, self._state_dtype), plan or self.plan, self.options.inversion == "exact",
+            ode, self.to_latents(x0).to(self._state_dtype), plan or self.plan, self.options.inversion == "exact",
             self.options.tol, self.options.max_iter, callback, stats,
         )
         stats.latents_prev = x_prev  # kept in the state's dtype: a bdia pair rounded to float32 decodes ~1e-4 off
@@ -381,11 +414,12 @@ class Engine:
         x = x_T.to(self.device, x_T.dtype if x_T.dtype == torch.float64 else torch.float32)
         if self.pair_latents:
             x_next = None if x_prev is None else x_prev.to(self.device, self._state_dtype)
-            return sample_bdia(denoiser, x.to(self._state_dtype), plan or self.plan, x_next, callback=callback).float()
+            z = sample_bdia(denoiser, x.to(self._state_dtype), plan or self.plan, x_next, callback=callback).float()
+            return self.to_images(z)
         if x_prev is not None:
             raise SettingError(("sampler", self.options.sampler),
                                f"a latent pair (x_T, x_T-1) decodes only with the {PAIR_SAMPLERS[0]} sampler")
-        return sample(denoiser, x.float(), plan or self.plan, self.options.sampler, 0.0, None, callback)
+        return self.to_images(sample(denoiser, x.float(), plan or self.plan, self.options.sampler, 0.0, None, callback))
 
     def decode_calls(self, pair: bool = False) -> int:
         """Model calls :meth:`decode` makes per batch (one fewer from a bdia pair: its first state is given)."""
@@ -399,8 +433,9 @@ class Engine:
         x_prev = stats.latents_prev
         rec = self.decode(x_T, callback, x_prev, labels=labels)
         target = x0.to(rec.device, rec.dtype)
+        ae = None if self.autoencoder is None else mse(self.to_images(self.to_latents(x0)), target)
         return Reconstruction(x_T, rec, mse(rec, target), psnr(rec, target), stats,
-                              decode_calls=self.decode_calls(x_prev is not None), x_prev=x_prev)
+                              decode_calls=self.decode_calls(x_prev is not None), x_prev=x_prev, autoencoder_mse=ae)
 
     def edit_steps(self, strength: float) -> int:
         """How many of the plan's steps an edit of ``strength`` in (0, 1] regenerates (at least one)."""
