@@ -671,3 +671,23 @@ def test_resolved_keeps_its_old_positional_form(tmp_path, saves):
     r = Resolved("x", "dir", d / "diffusion_pytorch_model.safetensors", resolve(d).model_config, {})
     assert r.weight_files == [r.weights] and r.autoencoder is None and r.notes == []
     assert checkpoint.load(r).parameters > 0
+
+
+def test_autoencoder_with_legacy_attention_key_names_loads(ldm, tmp_path):
+    """A vqvae saved before diffusers 0.14 names its mid-block attention query/key/value/proj_attn."""
+    root, pipe = ldm
+    copy = tmp_path / "old"
+    shutil.copytree(root, copy)
+    weights = copy / "vqvae" / "diffusion_pytorch_model.safetensors"
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = {}
+    for k, v in safetensors.torch.load_file(weights).items():
+        for new, old in legacy.items():
+            k = k.replace(f".{new}.", f".{old}.")
+        state[k] = v
+    assert sum(k.endswith(".query.weight") for k in state) == 2  # encoder and decoder mid blocks
+    safetensors.torch.save_file(state, weights, metadata={"format": "pt"})
+    ckpt = checkpoint.load(copy, autoencoder=True)
+    latents = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        assert _max_diff(ckpt.autoencoder.decode(latents), pipe.vqvae.decode(latents / 0.18215).sample) <= 1e-5
