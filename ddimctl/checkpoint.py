@@ -541,6 +541,8 @@ def parse_hub_ref(ref: str) -> tuple[str, str | None] | None:
 
 def _resolve_path(ref: str, path: Path, variant: str | None) -> Resolved:
     if path.is_dir():
+        if path.name == "unet" and (path.parent / PIPELINE_INDEX).is_file():
+            return _as_part_of_pipeline(ref, path, path.parent, variant)
         return _resolve_dir(ref, path, "dir", variant=variant)
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
@@ -548,8 +550,23 @@ def _resolve_path(ref: str, path: Path, variant: str | None) -> Resolved:
     if suffix == ".safetensors":
         if variant is not None:
             raise ModelError(f"{path}: a single file has no variants (variant {variant!r} applies to folders)")
+        pipeline = path.parent.parent
+        if path.parent.name == "unet" and (pipeline / PIPELINE_INDEX).is_file():
+            own = re.fullmatch(r"diffusion_pytorch_model(?:\.([A-Za-z0-9_-]+))?\.safetensors", path.name)
+            if own:
+                r = _as_part_of_pipeline(ref, path, pipeline, own.group(1))
+                if r.weights == path and r.weights_index is None:
+                    return r
         return _resolve_file(ref, path)
     raise ModelError(f"{path}: not a model checkpoint (expected a diffusers model directory or a .safetensors file)")
+
+
+def _as_part_of_pipeline(ref: str, part: Path, root: Path, variant: str | None) -> Resolved:
+    """The UNet of a pipeline folder, named by its unet/ folder or weights file: read as the pipeline, so that its
+    scheduler (and, for a latent pipeline, its autoencoder) come with it; a note says so."""
+    r = _resolve_dir(ref, root, "dir", variant=variant)
+    r.notes.insert(0, f"{part}: read as part of the pipeline {root} (its scheduler and components)")
+    return r
 
 
 def _resolve_builtin(name: str, variant: str | None) -> Resolved:

@@ -158,6 +158,17 @@ def test_latent_pipeline_unet_alone_on_request(ldm):
     assert ckpt.notes == [f"{root}: autoencoder not loaded: the model's samples are 3x4x4 latents"]
 
 
+def test_a_pipelines_unet_folder_or_file_is_read_with_its_pipeline(ldm):
+    """ldm/unet alone would be a pixel model of 3x4x4 "images": it is read as part of its pipeline instead."""
+    root, pipe = ldm
+    for part in (root / "unet", root / "unet" / "diffusion_pytorch_model.safetensors"):
+        assert "a latent-diffusion model" in _one_line(lambda: checkpoint.load(part))
+        ckpt = checkpoint.load(part, autoencoder=True)
+        assert ckpt.image_shape == (3, 8, 8) and ckpt.settings.beta_schedule == "scaled_linear"
+        assert ckpt.notes[0] == f"{part}: read as part of the pipeline {root} (its scheduler and components)"
+        assert _max_diff(_unet_out(ckpt.model, X), _unet_out(pipe.unet, X)) <= 1e-5
+
+
 def test_describe_reports_pipeline_components_and_autoencoder(ldm):
     root, _ = ldm
     doc = resolve(root).describe()
@@ -223,8 +234,12 @@ def test_scaling_factor_override(ldm_without_scaling):
     for bad in (0, -1.0, True):
         msg = _one_line(lambda: checkpoint.load(root, autoencoder=True, autoencoder_scaling_factor=bad), ConfigError)
         assert msg == f"autoencoder scaling_factor {bad!r}: expected a positive number"
-    msg = _one_line(lambda: resolve(ldm_without_scaling / "unet", autoencoder_scaling_factor=2.0))
-    assert msg.endswith("autoencoder scaling_factor given, but this model has no autoencoder")
+
+
+def test_scaling_factor_without_an_autoencoder_is_refused(latent_unet):
+    root = latent_unet[0] / "unet4"
+    msg = _one_line(lambda: resolve(root, autoencoder_scaling_factor=2.0))
+    assert msg == f"{root}: autoencoder scaling_factor given, but this model has no autoencoder"
 
 
 def test_kl_config_without_scaling_factor_keeps_diffusers_default_with_a_note(diffusers, tmp_path):
