@@ -738,7 +738,7 @@ def _unet_notes(cfg: Mapping[str, Any], source: str, settings: SamplerSettings) 
         kind = cfg.get("class_embed_type")
         what = (f"class ids 0..{cfg['num_class_embeds'] - 1}" if kind is None
                 else f"class_embed_type {kind!r}")
-        notes.append(f"{source}: class-conditional ({what}): every sample needs a class label")
+        notes.append(f"{source}: class-conditional ({what}): samples are conditioned on a class label")
     for line in settings.notes:
         if learned and " variance_type " in line:
             continue

@@ -488,15 +488,15 @@ def test_class_conditional_unet_records_its_classes(diffusers, tmp_path):
     assert (ckpt.num_class_embeds, ckpt.class_embed_type, ckpt.is_class_conditional) == (10, None, True)
     labels = torch.tensor([3, 7])
     assert _max_diff(_unet_out(ckpt.model, X, class_labels=labels), _unet_out(ref, X, class_labels=labels)) <= 1e-5
-    assert ckpt.notes == [f"{tmp_path}/cls/config.json: class-conditional (class ids 0..9): every sample needs a "
-                          "class label"]
+    assert ckpt.notes == [f"{tmp_path}/cls/config.json: class-conditional (class ids 0..9): samples are "
+                          "conditioned on a class label"]
     assert resolve(tmp_path / "cls").describe()["num_class_embeds"] == 10
     _unet(diffusers, seed=13, class_embed_type="timestep").save_pretrained(tmp_path / "cts")
     timestep = checkpoint.load(tmp_path / "cts")
     assert (timestep.num_class_embeds, timestep.class_embed_type, timestep.is_class_conditional) == (
         None, "timestep", True)
-    assert timestep.notes == [f"{tmp_path}/cts/config.json: class-conditional (class_embed_type 'timestep'): every "
-                              "sample needs a class label"]
+    assert timestep.notes == [f"{tmp_path}/cts/config.json: class-conditional (class_embed_type 'timestep'): "
+                              "samples are conditioned on a class label"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
