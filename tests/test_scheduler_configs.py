@@ -188,7 +188,8 @@ OWN = "ddimctl chooses its own time steps (spacing)"
          "a DDPM ancestral-sampling variance; DDIM's eta sets the noise of each step"),
         ("FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting", True,
          "diffusers' pipelines shift by the image size (base_shift, max_shift); ddimctl uses the static shift 1.0"),
-        ("FlowMatchEulerDiscreteScheduler", "stochastic_sampling", True, "ddimctl's eta decides the noise of each step"),
+        ("FlowMatchEulerDiscreteScheduler", "stochastic_sampling", True,
+         "ddimctl's eta decides the noise of each step"),
         ("FlowMatchEulerDiscreteScheduler", "shift_terminal", 0.1, OWN),
     ],
 )
