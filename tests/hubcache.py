@@ -53,3 +53,49 @@ def offline_cache(monkeypatch: pytest.MonkeyPatch, cache: Path) -> Path:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     return cache
+
+
+def folder_files(root: Path) -> dict[str, Path]:
+    """Every file under ``root`` as ``{path in repo: file}``, for :func:`add_snapshot` and :func:`fake_hub`."""
+    return {p.relative_to(root).as_posix(): p for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, repos: dict[str, Path]) -> dict[str, list[list[str]]]:
+    """Serve ``repos`` ({repo_id: folder}) as an online Hub: ``snapshot_download`` copies the files its
+    ``allow_patterns`` match (huggingface_hub's own ``filter_repo_objects``) into a fresh snapshot folder, as the real
+    one downloads them, and ``list_repo_files`` lists the repo. Returns ``{repo_id: [patterns of each call]}``;
+    what was fetched is what the snapshot folder holds."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls: dict[str, list[list[str]]] = {repo: [] for repo in repos}
+
+    def snapshot(repo_id: str) -> Path:
+        return tmp_path / "fake-hub" / repo_id.replace("/", "--") / hashlib.sha1(repo_id.encode()).hexdigest()
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        assert repo_id in repos, f"unexpected repo {repo_id}"
+        calls[repo_id].append(list(allow_patterns or []))
+        folder = snapshot(repo_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = folder_files(repos[repo_id])
+        for name in filter_repo_objects(sorted(files), allow_patterns=allow_patterns):
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(files[name], target)
+        return str(folder)
+
+    def list_repo_files(repo_id, revision=None, **kwargs):
+        return sorted(folder_files(repos[repo_id]))
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    return calls
+
+
+def fetched(tmp_path: Path, repo_id: str) -> list[str]:
+    """The files :func:`fake_hub` has put into ``repo_id``'s snapshot so far."""
+    folder = tmp_path / "fake-hub" / repo_id.replace("/", "--") / hashlib.sha1(repo_id.encode()).hexdigest()
+    return sorted(folder_files(folder)) if folder.is_dir() else []

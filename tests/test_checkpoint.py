@@ -431,8 +431,11 @@ def test_configs_ddimctl_cannot_sample_with(saved):
     cfg = json.loads(config.read_text())
     config.write_text(json.dumps({**cfg, "sample_size": None}))
     one_line_error(saved, config, "sample_size is null")
-    config.write_text(json.dumps({**cfg, "out_channels": 6}))  # learned variance: eps and variance channels
-    one_line_error(saved, config, "out_channels 6 differs from in_channels 3")
+    config.write_text(json.dumps({**cfg, "out_channels": 5}))  # neither the input's channels nor twice them
+    one_line_error(saved, config, "out_channels 5 differs from in_channels 3")
+    # 6 = 2 x 3 is a learned-variance model (tests/test_formats.py); these 3-channel weights do not fit it
+    config.write_text(json.dumps({**cfg, "out_channels": 6}))
+    one_line_error(saved, "conv_out.weight has shape [3, 16, 3, 3] but the config needs [6, 16, 3, 3]")
 
 
 def test_scheduler_config_problems(saved):

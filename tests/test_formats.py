@@ -1,0 +1,708 @@
+"""diffusers formats beyond a plain pixel UNet folder: pipelines (model_index.json) and the components ddimctl runs
+or refuses, latent pipelines with their autoencoder (and pairing one from elsewhere), the VQ scaling policy,
+learned-variance and class-conditional UNets, sharded and variant weights on disk and on the Hub.
+
+Every model is built here with diffusers and random weights and saved with ``save_pretrained``; nothing is
+downloaded (Hub tests use a hand-built offline cache, or a fake online Hub serving local folders)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from ddimctl import checkpoint
+from ddimctl.autoencoder import VQModel as OurVQModel
+from ddimctl.checkpoint import Resolved, resolve, resolve_autoencoder
+from ddimctl.errors import ConfigError, ModelError
+
+from hubcache import add_snapshot, fake_hub, fetched, folder_files, offline_cache
+
+UNET = {
+    "sample_size": 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 8,
+    "attention_head_dim": 8,
+}
+AE_BLOCKS = {
+    "block_out_channels": [16, 32],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "norm_num_groups": 8,
+    "layers_per_block": 1,
+    "sample_size": 8,
+}
+VQ = {**AE_BLOCKS, "latent_channels": 3, "num_vq_embeddings": 64}
+KL = {**AE_BLOCKS, "latent_channels": 4}
+RUNS = "ddimctl runs UNet2DModel pipelines: unet + scheduler, optionally with a vqvae/vae autoencoder"
+
+
+@pytest.fixture(scope="module")
+def diffusers():
+    return pytest.importorskip("diffusers")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast, and immune to oversubscription on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def _unet(diffusers, seed: int = 0, **overrides):
+    return _randomize(diffusers.UNet2DModel(**{**UNET, **overrides}), seed)
+
+
+def _vq(diffusers, seed: int = 1, **overrides):
+    return _randomize(diffusers.VQModel(**{**VQ, **overrides}), seed)
+
+
+def _kl(diffusers, seed: int = 2, **overrides):
+    return _randomize(diffusers.AutoencoderKL(**{**KL, **overrides}), seed)
+
+
+def _one_line(fn, cls=ModelError) -> str:
+    with pytest.raises(cls) as info:
+        fn()
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _unet_out(model, x, t=torch.tensor([10, 600]), **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(x, t, **kwargs)
+    return out.sample if hasattr(out, "sample") else out
+
+
+X = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent diffusion: LDMPipeline
+
+
+@pytest.fixture(scope="module")
+def ldm(diffusers, tmp_path_factory):
+    """A small LDMPipeline (VQModel f=2 with 3 latent channels, UNet on 3x4x4 latents), saved by diffusers."""
+    root = tmp_path_factory.mktemp("ldm") / "pipe"
+    pipe = diffusers.LDMPipeline(vqvae=_vq(diffusers), unet=_unet(diffusers),
+                                 scheduler=diffusers.DDIMScheduler(clip_sample=False, beta_schedule="scaled_linear",
+                                                                   beta_start=0.0015, beta_end=0.0195))
+    pipe.save_pretrained(root)
+    return root, pipe
+
+
+def test_latent_pipeline_is_refused_to_a_pixel_only_caller(ldm):
+    root, _ = ldm
+    msg = _one_line(lambda: checkpoint.load(root))
+    assert msg == (
+        f"{root}: a latent-diffusion model (its UNet makes 3x4x4 latents that the VQModel in "
+        f"{root}/vqvae/config.json decodes to 3x8x8 images); this caller handles pixel models only (load with "
+        "autoencoder=True to get both)"
+    )
+
+
+def test_latent_pipeline_loads_unet_and_autoencoder_like_diffusers(ldm):
+    root, pipe = ldm
+    ckpt = checkpoint.load(root, autoencoder=True)
+    assert isinstance(ckpt.autoencoder, OurVQModel) and not ckpt.autoencoder.training
+    assert ckpt.sample_shape == ckpt.latent_shape == (3, 4, 4)
+    assert ckpt.image_shape == (3, 8, 8) and (ckpt.channels, ckpt.image_size) == (3, 8)
+    assert ckpt.resolved.autoencoder.weights.files == (root / "vqvae" / "diffusion_pytorch_model.safetensors",)
+    assert ckpt.settings.clip_sample is False and ckpt.settings.beta_schedule == "scaled_linear"
+    assert _max_diff(_unet_out(ckpt.model, X), _unet_out(pipe.unet, X)) <= 1e-5
+    # decode: what LDMPipeline hands the image processor, vqvae.decode(latents / scaling_factor) (quantised)
+    latents = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        theirs = pipe.vqvae.decode(latents / pipe.vqvae.config.scaling_factor).sample
+        ours = ckpt.autoencoder.decode(latents)
+    assert ours.shape == (2, 3, 8, 8) and _max_diff(ours, theirs) <= 1e-5
+    # a re-saved VQModel config says diffusers' default 0.18215: kept, with a note
+    assert ckpt.autoencoder.config["scaling_factor"] == 0.18215
+    assert ckpt.notes == [
+        f"{root}/vqvae/config.json: scaling_factor 0.18215 is diffusers' default, which save_pretrained writes into "
+        "every VQModel config; CompVis' LDM VQ models use 1.0 (diffusers issue #6725): set "
+        "autoencoder_scaling_factor 1.0 if this is one"
+    ]
+
+
+def test_latent_pipeline_unet_alone_on_request(ldm):
+    root, pipe = ldm
+    ckpt = checkpoint.load(root, autoencoder=False)
+    assert ckpt.autoencoder is None and ckpt.latent_shape is None
+    assert ckpt.sample_shape == ckpt.image_shape == (3, 4, 4)
+    assert ckpt.notes == [f"{root}: autoencoder not loaded: the model's samples are 3x4x4 latents"]
+
+
+def test_a_pipelines_unet_folder_or_file_is_read_with_its_pipeline(ldm):
+    """ldm/unet alone would be a pixel model of 3x4x4 "images": it is read as part of its pipeline instead."""
+    root, pipe = ldm
+    for part in (root / "unet", root / "unet" / "diffusion_pytorch_model.safetensors"):
+        assert "a latent-diffusion model" in _one_line(lambda: checkpoint.load(part))
+        ckpt = checkpoint.load(part, autoencoder=True)
+        assert ckpt.image_shape == (3, 8, 8) and ckpt.settings.beta_schedule == "scaled_linear"
+        assert ckpt.notes[0] == f"{part}: read as part of the pipeline {root} (its scheduler and components)"
+        assert _max_diff(_unet_out(ckpt.model, X), _unet_out(pipe.unet, X)) <= 1e-5
+
+
+def test_describe_reports_pipeline_components_and_autoencoder(ldm):
+    root, _ = ldm
+    doc = resolve(root).describe()
+    json.dumps(doc)
+    assert doc["pipeline"] == {"class": "LDMPipeline", "components": {
+        "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DModel"],
+        "vqvae": ["diffusers", "VQModel"]}}
+    assert (doc["image_size"], doc["channels"], doc["latent_shape"]) == (8, 3, [3, 4, 4])
+    ae = doc["autoencoder"]
+    assert (ae["class"], ae["scaling_factor"], ae["downscale_factor"], ae["latent_channels"]) == ("VQModel", 0.18215,
+                                                                                                  2, 3)
+    assert ae["parameters"] == sum(p.numel() for p in OurVQModel(VQ).parameters())
+    assert len(doc["notes"]) == 1 and "scaling_factor 0.18215" in doc["notes"][0]
+    assert str(root / "vqvae" / "diffusion_pytorch_model.safetensors") in doc["files"]
+    assert doc["shards"] is None and doc["variant"] is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The VQ scaling policy (CompVis/ldm-celebahq-256's vqvae/config.json has no scaling_factor)
+
+
+@pytest.fixture
+def ldm_without_scaling(ldm, tmp_path):
+    root = tmp_path / "celebahq-like"
+    shutil.copytree(ldm[0], root)
+    config = root / "vqvae" / "config.json"
+    cfg = json.loads(config.read_text())
+    del cfg["scaling_factor"]
+    config.write_text(json.dumps(cfg))
+    return root
+
+
+def test_vq_config_without_scaling_factor_decodes_at_scale_one(ldm, ldm_without_scaling):
+    root = ldm_without_scaling
+    _, pipe = ldm
+    ckpt = checkpoint.load(root, autoencoder=True)
+    assert ckpt.autoencoder.config["scaling_factor"] == 1.0
+    assert ckpt.notes == [
+        f"{root}/vqvae/config.json: no scaling_factor; ddimctl uses 1.0, the scale LDM's VQ models were trained "
+        "with, not diffusers' default 0.18215 (which decodes them wrongly: diffusers issue #6725); set "
+        "autoencoder_scaling_factor to override"
+    ]
+    latents = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ours = ckpt.autoencoder.decode(latents)
+        at_one = pipe.vqvae.decode(latents).sample  # the latents as LDM's own decode_first_stage takes them
+        diffusers_ldm = pipe.vqvae.decode(latents / 0.18215).sample  # diffusers' LDMPipeline on this config
+    assert _max_diff(ours, at_one) <= 1e-5
+    assert _max_diff(ours, diffusers_ldm) > 1e-2  # a thousand times the tolerance above
+    assert resolve(root).describe()["autoencoder"]["scaling_factor"] == 1.0
+
+
+def test_scaling_factor_override(ldm_without_scaling):
+    root = ldm_without_scaling
+    ckpt = checkpoint.load(root, autoencoder=True, autoencoder_scaling_factor=0.5)
+    assert ckpt.autoencoder.config["scaling_factor"] == 0.5
+    assert ckpt.notes == [f"{root}/vqvae/config.json: scaling_factor 0.5 as given (the config says none (default "
+                          "0.18215))"]
+    r = resolve(root)
+    again = checkpoint.load(r, autoencoder=True, autoencoder_scaling_factor=0.25)  # on a Resolved too
+    assert again.autoencoder.config["scaling_factor"] == 0.25 and len(again.notes) == 1
+    assert r.autoencoder.scaling_factor == 1.0  # the Resolved given is not changed
+    for bad in (0, -1.0, True):
+        msg = _one_line(lambda: checkpoint.load(root, autoencoder=True, autoencoder_scaling_factor=bad), ConfigError)
+        assert msg == f"autoencoder scaling_factor {bad!r}: expected a positive number"
+
+
+def test_scaling_factor_without_an_autoencoder_is_refused(latent_unet):
+    root = latent_unet[0] / "unet4"
+    msg = _one_line(lambda: resolve(root, autoencoder_scaling_factor=2.0))
+    assert msg == f"{root}: autoencoder scaling_factor given, but this model has no autoencoder"
+
+
+def test_kl_config_without_scaling_factor_keeps_diffusers_default_with_a_note(diffusers, tmp_path):
+    vae = _kl(diffusers)
+    vae.save_pretrained(tmp_path / "vae")
+    config = tmp_path / "vae" / "config.json"
+    cfg = json.loads(config.read_text())
+    del cfg["scaling_factor"]
+    config.write_text(json.dumps(cfg))
+    ae = resolve_autoencoder(tmp_path / "vae")
+    assert ae.scaling_factor == 0.18215 and ae.class_name == "AutoencoderKL" and ae.latent_channels == 4
+    assert ae.notes == [f"{config}: no scaling_factor; diffusers' default 0.18215 (Stable Diffusion's VAE) applies; "
+                        "set autoencoder_scaling_factor to override"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pairing a UNet with an autoencoder from elsewhere
+
+
+@pytest.fixture(scope="module")
+def latent_unet(diffusers, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    unet = _unet(diffusers, seed=3, in_channels=4, out_channels=4)
+    unet.save_pretrained(root / "unet4")
+    vae = _kl(diffusers)
+    vae.save_pretrained(root / "kl")
+    return root, unet, vae
+
+
+def test_pair_with_an_autoencoder_folder(latent_unet):
+    root, unet, vae = latent_unet
+    bare = checkpoint.load(root / "unet4")  # a UNet alone: nothing says it is latent
+    assert bare.autoencoder is None and bare.image_shape == (4, 4, 4)
+    ckpt = checkpoint.load(root / "unet4", autoencoder=root / "kl")
+    assert ckpt.sample_shape == (4, 4, 4) and ckpt.image_shape == (3, 8, 8)
+    assert ckpt.resolved.autoencoder.source == "dir" and ckpt.resolved.autoencoder.ref == str(root / "kl")
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = vae.decode(latents / vae.config.scaling_factor).sample
+        assert _max_diff(ckpt.autoencoder.decode(latents), expected) <= 1e-5
+    assert resolve(root / "unet4", autoencoder=root / "kl").describe()["autoencoder"]["class"] == "AutoencoderKL"
+
+
+def test_pair_with_a_pipeline_folder_or_a_single_file(ldm, diffusers, tmp_path):
+    root, pipe = ldm
+    unet = tmp_path / "u"
+    _unet(diffusers, seed=4).save_pretrained(unet)
+    ckpt = checkpoint.load(unet, autoencoder=root)  # a pipeline folder: its vqvae/
+    assert ckpt.resolved.autoencoder.config_source == str(root / "vqvae" / "config.json")
+    assert ckpt.image_shape == (3, 8, 8)
+    # a single .safetensors file carrying its config in the metadata
+    state = safetensors.torch.load_file(root / "vqvae" / "diffusion_pytorch_model.safetensors")
+    single = tmp_path / "vq.safetensors"
+    config = json.loads((root / "vqvae" / "config.json").read_text())
+    safetensors.torch.save_file(state, single, metadata={"format": "pt", "config": json.dumps(config)})
+    from_file = checkpoint.load(unet, autoencoder=single)
+    latents = torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(from_file.autoencoder.decode(latents), ckpt.autoencoder.decode(latents))
+
+
+def test_pairing_replaces_a_pipelines_own_autoencoder(ldm, diffusers, tmp_path):
+    root, _ = ldm
+    other = tmp_path / "other-vq"
+    _vq(diffusers, seed=9).save_pretrained(other)
+    ckpt = checkpoint.load(root, autoencoder=other)
+    assert ckpt.resolved.autoencoder.config_source == str(other / "config.json")
+    assert ckpt.notes[-1] == (f"{root}: the autoencoder from {other} replaces the pipeline's own "
+                              f"({root}/vqvae/config.json)")
+    assert sum("0.18215" in n for n in ckpt.notes) == 1  # the replaced one's note is gone, the new one's kept
+
+
+def test_pairing_checks_that_the_latents_fit(latent_unet, ldm):
+    root, _, _ = latent_unet
+    msg = _one_line(lambda: checkpoint.load(root / "unet4", autoencoder=ldm[0]))
+    assert msg == (f"{root}/unet4/config.json: in_channels 4, but the autoencoder ({ldm[0]}/vqvae/config.json) makes "
+                   "latents with 3 channels: they do not belong together")
+    msg = _one_line(lambda: checkpoint.load(root / "unet4", autoencoder=root / "unet4"), ConfigError)
+    assert msg == (f"{root}/unet4/config.json: a UNet2DModel, not an autoencoder (supported: AutoencoderKL, VQModel)")
+    assert _one_line(lambda: checkpoint.load(root / "unet4", autoencoder="mnist")) == (
+        "mnist: a built-in diffusion model, not an autoencoder")
+
+
+def test_pair_with_a_hub_autoencoder(latent_unet, tmp_path, monkeypatch):
+    root, _, vae = latent_unet
+    cache = offline_cache(monkeypatch, tmp_path / "hf")
+    rev = add_snapshot(cache, "owner/vae", folder_files(root / "kl"))
+    ckpt = checkpoint.load(root / "unet4", autoencoder="owner/vae")
+    ae = ckpt.resolved.autoencoder
+    assert (ae.source, ae.repo_id, ae.revision) == ("hub", "owner/vae", rev)
+    latents = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        assert _max_diff(ckpt.autoencoder.decode(latents), vae.decode(latents / 0.18215).sample) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pipelines and components ddimctl refuses
+
+
+@pytest.fixture(scope="module")
+def dit(diffusers, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dit") / "pipe"
+    transformer = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                  out_channels=8, num_layers=1, sample_size=4, patch_size=2,
+                                                  num_embeds_ada_norm=10)
+    diffusers.DiTPipeline(transformer=transformer, vae=_kl(diffusers), scheduler=diffusers.DDIMScheduler()
+                          ).save_pretrained(root)
+    return root
+
+
+def test_dit_pipeline_is_refused_naming_the_transformer(dit, tmp_path):
+    expected = (f"{dit}/model_index.json: DiTPipeline's denoiser is a transformer (transformer: diffusers "
+                f"DiTTransformer2DModel, DiT-style), not a UNet2DModel; {RUNS}")
+    assert _one_line(lambda: checkpoint.load(dit), ConfigError) == expected
+    assert _one_line(lambda: resolve(dit), ConfigError) == expected
+    # without model_index.json: transformer/ says it (this used to read "no ... safetensors here or in unet/")
+    bare = tmp_path / "bare"
+    shutil.copytree(dit, bare)
+    (bare / "model_index.json").unlink()
+    assert _one_line(lambda: resolve(bare), ConfigError) == (
+        f"{bare}: transformer/ holds a transformer (DiT-style) denoiser, not a UNet2DModel; {RUNS}")
+    # the transformer folder itself
+    assert _one_line(lambda: resolve(bare / "transformer"), ConfigError) == (
+        f"{bare}/transformer/config.json: unsupported _class_name 'DiTTransformer2DModel' (a transformer (DiT-style) "
+        "denoiser; ddimctl runs UNet2DModel checkpoints)")
+
+
+def test_dit_on_the_hub_is_refused_without_downloading_weights(dit, tmp_path, monkeypatch):
+    calls = fake_hub(monkeypatch, tmp_path, {"facebook/dit-like": dit})
+    msg = _one_line(lambda: resolve("facebook/dit-like"), ConfigError)
+    assert "DiTPipeline's denoiser is a transformer" in msg and "pickle" not in msg
+    assert len(calls["facebook/dit-like"]) == 1
+    assert not [f for f in fetched(tmp_path, "facebook/dit-like") if f.endswith(".safetensors")]
+
+
+SD_INDEX = {
+    "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+    "feature_extractor": ["transformers", "CLIPImageProcessor"], "image_encoder": [None, None],
+    "requires_safety_checker": True, "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+    "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def _pipeline_dir(tmp_path: Path, index: dict, unet_dir: Path | None = None) -> Path:
+    root = tmp_path / "pipe"
+    root.mkdir()
+    (root / "model_index.json").write_text(json.dumps(index))
+    if unet_dir is not None:
+        shutil.copytree(unet_dir, root / "unet")
+    return root
+
+
+def test_text_to_image_pipeline_is_refused_naming_the_text_encoder(tmp_path, latent_unet):
+    root = _pipeline_dir(tmp_path, SD_INDEX, latent_unet[0] / "unet4")
+    assert _one_line(lambda: checkpoint.load(root), ConfigError) == (
+        f"{root}/model_index.json: StableDiffusionPipeline is conditioned on text or images (component text_encoder: "
+        f"transformers CLIPTextModel); {RUNS}, unconditional or class-conditional")
+
+
+@pytest.mark.parametrize(
+    "components, message",
+    [
+        ({"unet": ["diffusers", "UNet2DConditionModel"]},
+         "component unet is diffusers UNet2DConditionModel (a text/image-conditioned UNet with cross-attention); "
+         + RUNS),
+        ({"unet": ["diffusers", "UNet2DModel"], "vqvae": ["diffusers", "AutoencoderTiny"]},
+         "unsupported autoencoder class 'AutoencoderTiny' (TAESD, a different architecture; supported: "
+         "AutoencoderKL, VQModel)"),
+        ({"unet": ["diffusers", "UNet2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+          "vqvae": ["diffusers", "VQModel"]},
+         "both vqvae and vae components: cannot tell which decodes the latents"),
+        ({"unet": ["diffusers", "UNet2DModel"], "movq": ["diffusers", "VQModel"]},
+         "component movq (diffusers VQModel) is not one ddimctl uses; " + RUNS),
+        ({"unet": ["diffusers", "UNet2DModel"], "bert": ["diffusers", "LDMBertModel"],
+          "tokenizer": ["transformers", "BertTokenizer"]},
+         "this pipeline is conditioned on text or images (component bert: diffusers LDMBertModel); " + RUNS
+         + ", unconditional or class-conditional"),
+    ],
+)
+def test_components_ddimctl_cannot_use(tmp_path, latent_unet, components, message):
+    root = _pipeline_dir(tmp_path, {**components, "scheduler": ["diffusers", "DDIMScheduler"]},
+                         latent_unet[0] / "unet4")
+    msg = _one_line(lambda: resolve(root), ConfigError)
+    assert msg.startswith(f"{root}/model_index.json") and msg.endswith(message), msg
+
+
+def test_super_resolution_pipeline_is_refused(tmp_path, latent_unet):
+    root = _pipeline_dir(tmp_path, {"_class_name": "LDMSuperResolutionPipeline", "unet": ["diffusers", "UNet2DModel"],
+                                    "vqvae": ["diffusers", "VQModel"]}, latent_unet[0] / "unet4")
+    assert _one_line(lambda: resolve(root), ConfigError) == (
+        f"{root}/model_index.json: LDMSuperResolutionPipeline is image-conditioned (super-resolution: the UNet takes "
+        f"the low-resolution image); {RUNS}")
+
+
+def test_scheduler_class_from_model_index_is_checked(tmp_path, latent_unet):
+    """model_index.json names the scheduler class when scheduler_config.json does not."""
+    root = _pipeline_dir(tmp_path, {"_class_name": "ScoreSdeVePipeline", "unet": ["diffusers", "UNet2DModel"],
+                                    "scheduler": ["diffusers", "ScoreSdeVeScheduler"]}, latent_unet[0] / "unet4")
+    msg = _one_line(lambda: resolve(root), ConfigError)
+    assert "unsupported scheduler class 'ScoreSdeVeScheduler' (variance-exploding" in msg
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": 2000}))
+    assert "unsupported scheduler class 'ScoreSdeVeScheduler'" in _one_line(lambda: resolve(root), ConfigError)
+
+
+def test_null_components_and_pipeline_arguments_are_ignored(tmp_path, latent_unet):
+    root = _pipeline_dir(tmp_path, {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                                    "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
+                                    "requires_safety_checker": False, "id2label": {"0": "tench"}},
+                         latent_unet[0] / "unet4")
+    r = resolve(root)
+    assert r.pipeline.class_name == "DDPMPipeline" and set(r.pipeline.components) == {"unet", "scheduler"}
+    assert r.autoencoder is None and r.notes == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# UNet variants: learned variance, class conditioning
+
+
+def test_learned_variance_unet_loads_and_uses_the_prediction_half(diffusers, tmp_path):
+    ref = _unet(diffusers, seed=11, out_channels=6, resnet_time_scale_shift="scale_shift")
+    ref.save_pretrained(tmp_path / "iddpm")
+    diffusers.DDPMScheduler(variance_type="learned_range", beta_schedule="squaredcos_cap_v2").save_pretrained(
+        tmp_path / "iddpm")
+    ckpt = checkpoint.load(tmp_path / "iddpm")
+    assert ckpt.learned_variance and ckpt.prediction_channels == 3 and ckpt.image_shape == (3, 4, 4)
+    full = _unet_out(ckpt.model, X)
+    assert full.shape == (2, 6, 4, 4) and _max_diff(full, _unet_out(ref, X)) <= 1e-5
+    pred = _unet_out(ckpt.prediction_model(), X)
+    assert pred.shape == X.shape and torch.equal(pred, full[:, :3])
+    assert ckpt.notes == [  # the UNet's note; the scheduler's variance_type note says the same, so it is dropped
+        f"{tmp_path}/iddpm/config.json: out_channels 6 = 2 x in_channels (learned variance): ddimctl uses the first "
+        "3 channels, the epsilon prediction; the variance channels are not used (exact at eta 0; at eta > 0 DDIM's "
+        "sigma_t(eta) replaces them)"
+    ]
+    doc = resolve(tmp_path / "iddpm").describe()
+    assert (doc["learned_variance"], doc["prediction_channels"], doc["channels"]) == (True, 3, 3)
+
+
+def test_class_conditional_unet_records_its_classes(diffusers, tmp_path):
+    ref = _unet(diffusers, seed=12, num_class_embeds=10)
+    ref.save_pretrained(tmp_path / "cls")
+    ckpt = checkpoint.load(tmp_path / "cls")
+    assert (ckpt.num_class_embeds, ckpt.class_embed_type, ckpt.is_class_conditional) == (10, None, True)
+    labels = torch.tensor([3, 7])
+    assert _max_diff(_unet_out(ckpt.model, X, class_labels=labels), _unet_out(ref, X, class_labels=labels)) <= 1e-5
+    assert ckpt.notes == [f"{tmp_path}/cls/config.json: class-conditional (class ids 0..9): samples are "
+                          "conditioned on a class label"]
+    assert resolve(tmp_path / "cls").describe()["num_class_embeds"] == 10
+    _unet(diffusers, seed=13, class_embed_type="timestep").save_pretrained(tmp_path / "cts")
+    timestep = checkpoint.load(tmp_path / "cts")
+    assert (timestep.num_class_embeds, timestep.class_embed_type, timestep.is_class_conditional) == (
+        None, "timestep", True)
+    assert timestep.notes == [f"{tmp_path}/cts/config.json: class-conditional (class_embed_type 'timestep'): "
+                              "samples are conditioned on a class label"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharded checkpoints and variants
+
+
+@pytest.fixture(scope="module")
+def saves(diffusers, tmp_path_factory):
+    """One UNet saved every way save_pretrained can: sharded, fp16 variant (weights in float16), both."""
+    root = tmp_path_factory.mktemp("saves")
+    ref = _unet(diffusers, seed=21)
+    ref.save_pretrained(root / "sharded", max_shard_size="60KB")
+    half = _unet(diffusers, seed=21).half()
+    half.save_pretrained(root / "fp16", variant="fp16")
+    half.save_pretrained(root / "fp16-sharded", variant="fp16", max_shard_size="60KB")
+    ref.save_pretrained(root / "both")
+    half.save_pretrained(root / "both", variant="fp16")
+    return root, ref
+
+
+def test_sharded_checkpoint_loads(saves):
+    root, ref = saves
+    d = root / "sharded"
+    shards = sorted(d.glob("diffusion_pytorch_model-*-of-*.safetensors"))
+    assert len(shards) > 2
+    ckpt = checkpoint.load(d)
+    assert ckpt.resolved.weight_files == shards
+    assert ckpt.resolved.weights_index == d / "diffusion_pytorch_model.safetensors.index.json"
+    assert _max_diff(_unet_out(ckpt.model, X), _unet_out(ref, X)) <= 1e-5
+    assert ckpt.prediction_model() is ckpt.model and not ckpt.learned_variance
+    doc = resolve(d).describe()
+    assert doc["weights"] == str(d / "diffusion_pytorch_model.safetensors.index.json") and doc["weights_sha256"] is None
+    assert [s["file"] for s in doc["shards"]] == [str(p) for p in shards]
+    assert doc["parameters"] == sum(p.numel() for p in ref.parameters())
+
+
+def test_variant_only_folder_says_so_and_loads_when_asked(saves):
+    root, ref = saves
+    d = root / "fp16"
+    assert _one_line(lambda: checkpoint.load(d)) == (
+        f"{d}: no diffusion_pytorch_model.safetensors, only the 'fp16' variant of the weights "
+        "(diffusion_pytorch_model.fp16.safetensors); load it with variant 'fp16'")
+    ckpt = checkpoint.load(d, variant="fp16")
+    assert ckpt.resolved.weights == d / "diffusion_pytorch_model.fp16.safetensors"
+    assert ckpt.resolved.variant == "fp16" and {p.dtype for p in ckpt.model.parameters()} == {torch.float32}
+    assert _max_diff(_unet_out(ckpt.model, X), _unet_out(ref, X)) < 0.05
+    assert resolve(d, variant="fp16").describe()["variant"] == "fp16"
+
+
+def test_sharded_variant(saves):
+    root, ref = saves
+    d = root / "fp16-sharded"
+    assert "only the 'fp16' variant" in _one_line(lambda: resolve(d))
+    r = resolve(d, variant="fp16")
+    assert r.weights_index == d / "diffusion_pytorch_model.safetensors.index.fp16.json" and len(r.weight_files) > 2
+    assert all(p.name.startswith("diffusion_pytorch_model.fp16-") for p in r.weight_files)
+    assert _max_diff(_unet_out(checkpoint.load(r).model, X), _unet_out(ref, X)) < 0.05
+
+
+def test_default_and_variant_side_by_side(saves):
+    root, _ = saves
+    d = root / "both"
+    assert checkpoint.resolve(d).weights.name == "diffusion_pytorch_model.safetensors"
+    assert checkpoint.resolve(d, variant="fp16").weights.name == "diffusion_pytorch_model.fp16.safetensors"
+    assert _one_line(lambda: resolve(d, variant="bf16")) == (
+        f"{d}: no 'bf16' variant of the weights (diffusion_pytorch_model.bf16.safetensors or "
+        "diffusion_pytorch_model.safetensors.index.bf16.json); the default weights are "
+        "diffusion_pytorch_model.safetensors: load without a variant; variants here: fp16")
+    assert _one_line(lambda: resolve(d, variant="../x")) == (
+        "variant '../x': not a variant name (letters, digits, '_' and '-', e.g. fp16)")
+    r = resolve(d)
+    assert _one_line(lambda: checkpoint.load(r, variant="fp16")) == (
+        f"{d}: already resolved with variant None, not 'fp16'")
+
+
+def test_broken_shard_indexes_are_one_line(saves, tmp_path):
+    root, _ = saves
+    d = tmp_path / "s"
+    shutil.copytree(root / "sharded", d)
+    index = d / "diffusion_pytorch_model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    shards = sorted(set(doc["weight_map"].values()))
+    (d / shards[1]).rename(d / "moved.safetensors")
+    assert _one_line(lambda: resolve(d)) == f"{index}: shard {shards[1]} is missing"
+    (d / "moved.safetensors").rename(d / shards[1])
+    key = next(k for k, v in doc["weight_map"].items() if v == shards[0])
+    for bad, message in [
+        ({**doc["weight_map"], key: "../" + shards[0]}, f"shard name '../{shards[0]}' is not a plain file name"),
+        ({**doc["weight_map"], key: "x.bin"}, "refusing to load a pickle checkpoint"),
+        ({**doc["weight_map"], key: shards[1]}, f"holds tensor {key}, which {index.name} lists in {shards[1]}"),
+        ({**doc["weight_map"], "extra.weight": shards[0]}, "lists 1 tensors no shard holds (extra.weight)"),
+    ]:
+        index.write_text(json.dumps({**doc, "weight_map": bad}))
+        msg = _one_line(lambda: checkpoint.load(d))
+        assert message in msg, msg
+    index.write_text("{}")
+    assert _one_line(lambda: resolve(d)) == f"{index}: not a shard index (no 'weight_map' object)"
+    # one shard passed as a file
+    assert _one_line(lambda: resolve(d / shards[0])) == (
+        f"{d / shards[0]}: one shard of a sharded checkpoint; pass its folder ({d})")
+
+
+def test_pipeline_variant_falls_back_for_the_autoencoder_with_a_note(ldm, tmp_path, diffusers):
+    root = tmp_path / "ldm16"
+    shutil.copytree(ldm[0], root)
+    unet = root / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.fp16.safetensors")
+    ckpt = checkpoint.load(root, variant="fp16", autoencoder=True)
+    assert ckpt.resolved.weights.name == "diffusion_pytorch_model.fp16.safetensors"
+    assert ckpt.resolved.autoencoder.weights.files[0].name == "diffusion_pytorch_model.safetensors"
+    assert f"{root}/vqvae: no 'fp16' variant of the autoencoder; loaded its default weights" in ckpt.notes
+    assert _one_line(lambda: resolve(root)) == (
+        f"{root}/unet: no diffusion_pytorch_model.safetensors, only the 'fp16' variant of the weights "
+        "(diffusion_pytorch_model.fp16.safetensors); load it with variant 'fp16'")
+
+
+def test_sharded_and_variant_weights_from_the_offline_hub_cache(saves, tmp_path, monkeypatch):
+    root, ref = saves
+    cache = offline_cache(monkeypatch, tmp_path / "hf")
+    rev = add_snapshot(cache, "owner/sharded", folder_files(root / "sharded"))
+    r = resolve("owner/sharded")
+    assert r.revision == rev and r.weights_index.name == "diffusion_pytorch_model.safetensors.index.json"
+    assert _max_diff(_unet_out(checkpoint.load(r).model, X), _unet_out(ref, X)) <= 1e-5
+    files = {f"unet/{k}": v for k, v in folder_files(root / "fp16-sharded").items()}
+    files["model_index.json"] = json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                                            "scheduler": ["diffusers", "DDPMScheduler"]}).encode()
+    add_snapshot(cache, "owner/fp16", files)
+    assert "only the 'fp16' variant" in _one_line(lambda: resolve("owner/fp16"))
+    r16 = resolve("owner/fp16", variant="fp16")
+    assert r16.variant == "fp16" and len(r16.weight_files) > 2
+    assert _max_diff(_unet_out(checkpoint.load(r16).model, X), _unet_out(ref, X)) < 0.05
+    add_snapshot(cache, "owner/single16", folder_files(root / "fp16"))
+    assert "only the 'fp16' variant" in _one_line(lambda: resolve("owner/single16"))  # seen in the cached snapshot
+    assert resolve("owner/single16", variant="fp16").weights.name == "diffusion_pytorch_model.fp16.safetensors"
+
+
+def test_hub_fetches_only_the_weights_asked_for(saves, tmp_path, monkeypatch):
+    """Online, the configs come first; then only the requested variant's shards (never the other variant's)."""
+    root, ref = saves
+    both = tmp_path / "repo"
+    shutil.copytree(root / "sharded", both / "unet")
+    for p in (root / "fp16-sharded").iterdir():
+        if p.name != "config.json":
+            shutil.copyfile(p, both / "unet" / p.name)
+    (both / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline",
+                                                       "unet": ["diffusers", "UNet2DModel"]}))
+    calls = fake_hub(monkeypatch, tmp_path, {"owner/both": both})
+    r = resolve("owner/both", variant="fp16")
+    got = fetched(tmp_path, "owner/both")
+    weights = [f for f in got if f.endswith(".safetensors")]
+    assert weights and all(f.startswith("unet/diffusion_pytorch_model.fp16-") for f in weights)
+    assert sorted(weights) == sorted(f"unet/{p.name}" for p in r.weight_files)
+    assert len(calls["owner/both"]) == 2 and "model_index.json" in calls["owner/both"][0]
+    # the default weights, asked for after: the default shards come, still none of a third kind
+    r32 = resolve("owner/both")
+    assert all(p.exists() for p in r32.weight_files)
+    assert _max_diff(_unet_out(checkpoint.load(r32).model, X), _unet_out(ref, X)) <= 1e-5
+
+
+def test_hub_variant_only_repo_says_so_without_downloading_it(saves, tmp_path, monkeypatch):
+    root, _ = saves
+    fake_hub(monkeypatch, tmp_path, {"owner/single16": root / "fp16"})
+    msg = _one_line(lambda: resolve("owner/single16"))
+    assert msg.startswith("owner/single16@") and msg.endswith(
+        ": no diffusion_pytorch_model.safetensors, only the 'fp16' variant of the weights "
+        "(diffusion_pytorch_model.fp16.safetensors); load it with variant 'fp16'")
+    assert fetched(tmp_path, "owner/single16") == ["config.json"]
+
+
+def test_hub_latent_pipeline_fetches_unet_and_autoencoder(ldm, tmp_path, monkeypatch):
+    root, pipe = ldm
+    calls = fake_hub(monkeypatch, tmp_path, {"CompVis/ldm-like": root})
+    ckpt = checkpoint.load("CompVis/ldm-like", autoencoder=True)
+    assert ckpt.resolved.autoencoder.repo_id == "CompVis/ldm-like"
+    assert sorted(f for f in fetched(tmp_path, "CompVis/ldm-like") if f.endswith(".safetensors")) == [
+        "unet/diffusion_pytorch_model.safetensors", "vqvae/diffusion_pytorch_model.safetensors"]
+    latents = torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        assert _max_diff(ckpt.autoencoder.decode(latents), pipe.vqvae.decode(latents / 0.18215).sample) <= 1e-5
+    assert len(calls["CompVis/ldm-like"]) == 2
+
+
+def test_resolved_keeps_its_old_positional_form(tmp_path, saves):
+    """Code that built a Resolved by position (ref, source, weights, configs) still works."""
+    root, _ = saves
+    d = root / "both"
+    r = Resolved("x", "dir", d / "diffusion_pytorch_model.safetensors", resolve(d).model_config, {})
+    assert r.weight_files == [r.weights] and r.autoencoder is None and r.notes == []
+    assert checkpoint.load(r).parameters > 0
+
+
+def test_autoencoder_with_legacy_attention_key_names_loads(ldm, tmp_path):
+    """A vqvae saved before diffusers 0.14 names its mid-block attention query/key/value/proj_attn."""
+    root, pipe = ldm
+    copy = tmp_path / "old"
+    shutil.copytree(root, copy)
+    weights = copy / "vqvae" / "diffusion_pytorch_model.safetensors"
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = {}
+    for k, v in safetensors.torch.load_file(weights).items():
+        for new, old in legacy.items():
+            k = k.replace(f".{new}.", f".{old}.")
+        state[k] = v
+    assert sum(k.endswith(".query.weight") for k in state) == 2  # encoder and decoder mid blocks
+    safetensors.torch.save_file(state, weights, metadata={"format": "pt"})
+    ckpt = checkpoint.load(copy, autoencoder=True)
+    latents = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        assert _max_diff(ckpt.autoencoder.decode(latents), pipe.vqvae.decode(latents / 0.18215).sample) <= 1e-5
