@@ -186,21 +186,31 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         compile: bool = False,
         note: Callable[[str], None] | None = None,
+        variant: str | None = None,
+        autoencoder: Any = None,
+        autoencoder_scaling_factor: float | None = None,
     ) -> "Engine":
         """Load a model reference (see :func:`ddimctl.checkpoint.resolve`) onto ``device`` in ``dtype`` and build
-        the engine; ``compile`` and ``options.channels_last`` are applied by :func:`ddimctl.perf.prepare_model`
-        (its notes go to ``note``)."""
+        the engine; ``compile`` and ``options.channels_last`` are applied by :func:`ddimctl.perf.prepare_model`.
+        A latent-diffusion pipeline loads with its autoencoder; ``autoencoder`` (a reference) pairs the UNet with
+        another one, ``autoencoder_scaling_factor`` overrides its latent scale, ``variant`` picks weight files such as
+        ``fp16``. What the loader does not follow, and compile fallbacks, go to ``note`` one line each."""
         from .checkpoint import load
         from .perf import prepare_model
 
         options = options if options is not None else SamplingOptions()
         device = torch.device(device)
-        ckpt = load(ref, device=device, dtype=dtype)
+        ckpt = load(ref, device=device, dtype=dtype, variant=variant,
+                    autoencoder=True if autoencoder is None else autoencoder,
+                    autoencoder_scaling_factor=autoencoder_scaling_factor)
+        for line in ckpt.notes:
+            if note is not None:
+                note(line)
         num_classes, null_label = class_conditioning(ckpt.model, ckpt.resolved)
-        model, _ = prepare_model(ckpt.model, options.channels_last, compile, note=note)
-        shape = (ckpt.channels, ckpt.image_size, ckpt.image_size)
-        return cls(model, ckpt.settings, options, shape, device, dtype, source=ckpt.resolved,
-                   num_classes=num_classes, null_label=null_label)
+        model, _ = prepare_model(ckpt.prediction_model(), options.channels_last, compile, note=note)
+        return cls(model, ckpt.settings, options, ckpt.image_shape, device, dtype, source=ckpt.resolved,
+                   num_classes=num_classes, null_label=null_label, autoencoder=ckpt.autoencoder,
+                   latent_shape=ckpt.sample_shape)
 
     def class_labels(self, labels: Sequence[int] | Tensor | None, n: int | None = None,
                      field: str = "class_label") -> Tensor | None:
@@ -581,9 +591,10 @@ def end_kind(spec: str) -> str:
     return "latent" if Path(spec).suffix == ".safetensors" else "image"
 
 
-def parse_end(spec: str, image_shape: tuple[int, int, int]) -> End:
+def parse_end(spec: str, image_shape: tuple[int, int, int], latent_shape: tuple[int, int, int] | None = None) -> End:
     """Read an interpolation end without running the model: ``seed:N``, a ``.safetensors`` latent file (checked
-    against ``image_shape``), or an image file (loaded and fitted to ``image_shape``)."""
+    against ``latent_shape``, which is ``image_shape`` for a pixel model), or an image file (loaded and fitted to
+    ``image_shape``)."""
     kind = end_kind(spec)
     if kind == "seed":
         try:
@@ -594,7 +605,7 @@ def parse_end(spec: str, image_shape: tuple[int, int, int]) -> End:
         from .latents import check_shape, load_latent_pair
 
         x, x_prev, _ = load_latent_pair(spec)
-        return End(spec, "latent", tensor=check_shape(x, image_shape, spec), tensor_prev=x_prev)
+        return End(spec, "latent", tensor=check_shape(x, latent_shape or image_shape, spec), tensor_prev=x_prev)
     from .images import iter_image_paths, load_image
 
     (path,) = iter_image_paths([spec])[:1]

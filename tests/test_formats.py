@@ -186,6 +186,62 @@ def test_describe_reports_pipeline_components_and_autoencoder(ldm):
     assert doc["shards"] is None and doc["variant"] is None
 
 
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "ddimctl", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_latent_pipeline_end_to_end_through_the_cli_matches_diffusers(ldm, tmp_path):
+    """sample writes decoded 8x8 images (not the 4x4 latents) and x_T files of the latent's shape; the images are
+    what diffusers' LDM loop (DDIMScheduler steps on the UNet, then vqvae.decode(latents / scaling_factor)) makes
+    from the same x_T; reconstruct reports the autoencoder's own round trip; info shows both parts."""
+    import numpy as np
+    from PIL import Image
+
+    from ddimctl.latents import load_latents
+
+    root, pipe = ldm
+    out = tmp_path / "s"
+    r = _cli("sample", "--model", root, "--n", 2, "--steps", 4, "--seed", 3, "--save-latents", "--out", out,
+             "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    pngs = sorted(p for p in map(Path, doc["outputs"]) if p.suffix == ".png")
+    lats = sorted(p for p in map(Path, doc["outputs"]) if p.suffix == ".safetensors")
+    assert len(pngs) == len(lats) == 2
+    sched = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    sched.set_timesteps(4)
+    for png, lat in zip(pngs, lats):
+        x_T, _ = load_latents(lat)
+        assert tuple(x_T.shape) == (1, 3, 4, 4)
+        latents = x_T.double()
+        unet, vq = pipe.unet.double(), pipe.vqvae.double()
+        with torch.no_grad():
+            for t in sched.timesteps:
+                latents = sched.step(unet(latents, t).sample, t, latents, eta=0.0).prev_sample
+            theirs = vq.decode(latents / vq.config.scaling_factor).sample
+        theirs = ((theirs[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.int16)
+        ours = np.asarray(Image.open(png).convert("RGB")).astype(np.int16)
+        assert ours.shape == (8, 8, 3)
+        assert np.abs(ours - theirs).max() <= 1  # 8-bit rounding of float32 vs float64 near a level boundary
+    pipe.unet.float(), pipe.vqvae.float()
+
+    r = _cli("reconstruct", pngs[0], "--model", root, "--steps", 4, "--out", tmp_path / "r", "--device", "cpu",
+             "--json")
+    assert r.returncode == 0, r.stderr
+    (record,) = json.loads(r.stdout)["images"]
+    assert record["autoencoder_mse"] >= 0 and record["mse"] >= 0
+    r = _cli("info", root, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["latent_shape"] == [3, 4, 4] and doc["autoencoder"]["class"] == "VQModel"
+    r = _cli("info", root, "--autoencoder-scaling-factor", 1.0, "--json")
+    assert json.loads(r.stdout)["autoencoder"]["scaling_factor"] == 1.0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The VQ scaling policy (CompVis/ldm-celebahq-256's vqvae/config.json has no scaling_factor)
 

@@ -15,13 +15,16 @@ if TYPE_CHECKING:
 
 
 def load_engine(model: str, device: str, dtype: str, options: "SamplingOptions", compile_model: bool,
-                rep: Reporter) -> "Engine":
-    """Resolve ``--device`` and ``--dtype`` and load the model into an :class:`~ddimctl.pipeline.Engine`."""
+                rep: Reporter, variant: str | None = None, autoencoder: str | None = None,
+                autoencoder_scaling_factor: float | None = None) -> "Engine":
+    """Resolve ``--device`` and ``--dtype`` and load the model into an :class:`~ddimctl.pipeline.Engine`; the
+    loader's notes go to stderr when the work starts."""
     from ..devices import resolve_device, resolve_dtype
     from ..pipeline import Engine
 
     dev = resolve_device(device)
-    return Engine.load(model, options, dev, resolve_dtype(dtype, dev), compile=compile_model, note=rep.note)
+    return Engine.load(model, options, dev, resolve_dtype(dtype, dev), compile=compile_model, note=rep.note_later,
+                       variant=variant, autoencoder=autoencoder, autoencoder_scaling_factor=autoencoder_scaling_factor)
 
 
 def plan_outputs(paths: list[Path], overwrite: bool, skip_existing: bool) -> list[bool]:

@@ -13,6 +13,7 @@ from .app import command
 from .common import finite_or_note, plan_outputs
 from .inverting import ImagesArg, _InversionJob
 from .options import (
+    AutoencoderOpt, AutoencoderScaleOpt, VariantOpt,
     DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, ClassLabelOpt, DeterministicOpt, DeviceOpt, DtypeOpt,
     GuidanceOpt, JsonOpt, MaxIterOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SkipExistingOpt,
     SpacingOpt, StepsOpt, TolOpt,
@@ -27,6 +28,9 @@ def edit(
     to_class_label: Annotated[str, typer.Option("--to-class-label", help="The class to turn each image into (an integer, or a file with one label per line).")] = ...,
     strength: Annotated[float, typer.Option("--strength", help="Share of the trajectory regenerated under the new class: 1 inverts all the way to x_T; less keeps more of the image.")] = 1.0,
     model: ModelOpt = DEFAULT_MODEL,
+    variant: VariantOpt = None,
+    autoencoder: AutoencoderOpt = None,
+    autoencoder_scaling_factor: AutoencoderScaleOpt = None,
     steps: StepsOpt = DEFAULT_STEPS,
     spacing: SpacingOpt = None,
     sampler: SamplerOpt = "ddim",
@@ -53,7 +57,9 @@ def edit(
     compares = [out / f"{p.stem}.compare.png" for p in job.paths]
     engine = job.start(model, device, dtype, batch_size, overwrite, skip_existing, steps=steps, spacing=spacing,
                        sampler=sampler, inversion="exact", tol=tol, max_iter=max_iter, deterministic=deterministic,
-                       guidance_scale=guidance_scale, labels=class_label)
+                       guidance_scale=guidance_scale, labels=class_label,
+                       loading=dict(variant=variant, autoencoder=autoencoder,
+                                    autoencoder_scaling_factor=autoencoder_scaling_factor))
     if job.labels is None:
         engine.class_labels(None)  # an unconditional model: no class to change (refused in one line)
     targets = labels_for(parse_class_labels(to_class_label), len(job.paths), to_class_label)

@@ -12,6 +12,7 @@ from ..errors import NumericsError
 from .app import command
 from .common import finite_or_note, load_engine, plan_outputs, report_doc
 from .options import (
+    AutoencoderOpt, AutoencoderScaleOpt, VariantOpt,
     DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, ClassLabelOpt, DeterministicOpt, DeviceOpt, DtypeOpt,
     GuidanceOpt, InversionOpt, JsonOpt,
     ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SpacingOpt, StepsOpt,
@@ -24,6 +25,9 @@ def interpolate(
     a: Annotated[str, typer.Argument(help="Start: a latent file, an image (inverted first) or seed:N.")],
     b: Annotated[str, typer.Argument(help="End: a latent file, an image (inverted first) or seed:N.")],
     model: ModelOpt = DEFAULT_MODEL,
+    variant: VariantOpt = None,
+    autoencoder: AutoencoderOpt = None,
+    autoencoder_scaling_factor: AutoencoderScaleOpt = None,
     frames: Annotated[int, typer.Option("--frames", "-k", min=2, help="Frames, both ends included: the frame files, the strip and the GIF each hold this many.")] = 8,
     boomerang: Annotated[bool, typer.Option("--boomerang", help="The GIF also plays the way back (2 x frames - 2 frames, looping smoothly).")] = False,
     steps: StepsOpt = DEFAULT_STEPS,
@@ -64,10 +68,12 @@ def interpolate(
                        None)
     options = SamplingOptions(steps=steps, sampler=sampler, spacing=spacing, inversion=inversion,
                               inverting="image" in kinds, deterministic=deterministic, guidance_scale=guidance_scale)
-    engine = load_engine(model, device, dtype, options, False, rep)
+    engine = load_engine(model, device, dtype, options, False, rep,
+                         variant=variant, autoencoder=autoencoder,
+                         autoencoder_scaling_factor=autoencoder_scaling_factor)
     labels = engine.class_labels(labels_for(parse_class_labels(class_label), 1, class_label)
                                  if class_label is not None else None)
-    ends = [parse_end(spec, engine.image_shape) for spec in (a, b)]
+    ends = [parse_end(spec, engine.image_shape, engine.latent_shape) for spec in (a, b)]
     for end in ends:
         for n in end.notes:
             rep.note(f"{end.spec}: {n}")

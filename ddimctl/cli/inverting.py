@@ -13,6 +13,7 @@ from ..errors import NumericsError
 from .app import command
 from .common import finite_or_note, image_paths, load_engine, load_images, output_names, plan_batches, plan_outputs, report_doc
 from .options import (
+    AutoencoderOpt, AutoencoderScaleOpt, VariantOpt,
     DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, ClassLabelOpt, DeterministicOpt, DeviceOpt, DtypeOpt, GuidanceOpt,
     InversionOpt, JsonOpt,
     MaxIterOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SkipExistingOpt, SpacingOpt, StepsOpt, TolOpt,
@@ -26,6 +27,9 @@ ImagesArg = Annotated[List[str], typer.Argument(help="Images: files, directories
 def invert(
     images: ImagesArg,
     model: ModelOpt = DEFAULT_MODEL,
+    variant: VariantOpt = None,
+    autoencoder: AutoencoderOpt = None,
+    autoencoder_scaling_factor: AutoencoderScaleOpt = None,
     steps: StepsOpt = DEFAULT_STEPS,
     spacing: SpacingOpt = None,
     sampler: SamplerOpt = "ddim",
@@ -51,7 +55,9 @@ def invert(
     job = _InversionJob(images, out, SUFFIX, rep)
     engine = job.start(model, device, dtype, batch_size, overwrite, skip_existing, steps=steps, spacing=spacing,
                        sampler=sampler, inversion=inversion, tol=tol, max_iter=max_iter, deterministic=deterministic,
-                       guidance_scale=guidance_scale, labels=class_label)
+                       guidance_scale=guidance_scale, labels=class_label,
+                       loading=dict(variant=variant, autoencoder=autoencoder,
+                                    autoencoder_scaling_factor=autoencoder_scaling_factor))
     with rep.progress("inverting", job.computed * len(engine.plan)) as bar:
         for chunk, x0, infos, labels in job.run():
             x_T, stats = engine.invert(x0, lambda info: bar.advance(len(chunk)), labels)
@@ -70,6 +76,9 @@ def invert(
 def reconstruct(
     images: ImagesArg,
     model: ModelOpt = DEFAULT_MODEL,
+    variant: VariantOpt = None,
+    autoencoder: AutoencoderOpt = None,
+    autoencoder_scaling_factor: AutoencoderScaleOpt = None,
     steps: StepsOpt = DEFAULT_STEPS,
     spacing: SpacingOpt = None,
     sampler: SamplerOpt = "ddim",
@@ -96,7 +105,9 @@ def reconstruct(
     compares = [out / f"{p.stem}.compare.png" for p in job.paths]
     engine = job.start(model, device, dtype, batch_size, overwrite, skip_existing, steps=steps, spacing=spacing,
                        sampler=sampler, inversion=inversion, tol=tol, max_iter=max_iter, deterministic=deterministic,
-                       guidance_scale=guidance_scale, labels=class_label)
+                       guidance_scale=guidance_scale, labels=class_label,
+                       loading=dict(variant=variant, autoencoder=autoencoder,
+                                    autoencoder_scaling_factor=autoencoder_scaling_factor))
     plan_outputs([compares[i] for i in job.work], overwrite, False)
     with rep.progress("reconstructing", job.computed * 2 * len(engine.plan)) as bar:
         for chunk, x0, infos, labels in job.run():
@@ -105,15 +116,17 @@ def reconstruct(
             ok = [a and b for a, b in zip(finite_or_note(rec.x_T, names, rep), finite_or_note(rec.x0, names, rep))]
             x_rec = rec.x0.float().cpu()
             for j, i in enumerate(chunk):
+                extra = {} if rec.autoencoder_mse is None else {"autoencoder_mse": float(rec.autoencoder_mse[j])}
                 if job.keep(ok[j], i, j, infos[j], rec.model_calls, rec.stats,
-                            mse=float(rec.mse[j]), psnr=float(rec.psnr[j]), compare=str(compares[i])):
+                            mse=float(rec.mse[j]), psnr=float(rec.psnr[j]), compare=str(compares[i]), **extra):
                     save_png(x_rec[j], job.targets[i])
                     save_png(side_by_side(x0[j], x_rec[j]), compares[i])
                     rep.output(job.targets[i])
                     rep.output(compares[i])
     metrics = mean_metrics([r["mse"] for r in job.records])
     for r in job.records:
-        rep.note(f"{r['source']}: mse {r['mse']:.3g}, psnr {r['psnr']:.2f} dB")
+        ae = f" (the autoencoder alone: mse {r['autoencoder_mse']:.3g})" if "autoencoder_mse" in r else ""
+        rep.note(f"{r['source']}: mse {r['mse']:.3g}, psnr {r['psnr']:.2f} dB{ae}")
     if metrics:
         rep.note(f"mean over {len(job.records)} images: mse {metrics['mean_mse']:.3g}, psnr {metrics['mean_psnr']:.2f} dB")
     job.finish("reconstruct", metrics=metrics)
@@ -131,13 +144,13 @@ class _InversionJob:
         self.failed: list[str] = []
 
     def start(self, model: str, device: str, dtype: str, batch_size: int, overwrite: bool, skip_existing: bool,
-              labels: str | None = None, **options: Any):
+              labels: str | None = None, loading: dict | None = None, **options: Any):
         """Build the engine and plan the outputs, refusing whatever cannot be done before any work."""
         from ..fsutil import check_writable_dir
         from ..pipeline import SamplingOptions, labels_for, parse_class_labels
 
         self.options = SamplingOptions(**options, inverting=True)
-        self.engine = load_engine(model, device, dtype, self.options, False, self.rep)
+        self.engine = load_engine(model, device, dtype, self.options, False, self.rep, **(loading or {}))
         self.engine.check_invertible()
         self.labels = labels_for(parse_class_labels(labels) if labels is not None else None, len(self.paths), labels)
         self.engine.class_labels(self.labels)  # a label the model cannot take, or none for one that needs it

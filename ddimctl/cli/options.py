@@ -98,3 +98,27 @@ GuidanceOpt = Annotated[
         "uncond + w (cond - uncond); 1 is no guidance.",
     ),
 ]
+
+VariantOpt = Annotated[
+    Optional[str],
+    typer.Option("--variant", help="Weights variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors).",
+                 show_default=False),
+]
+AutoencoderOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--autoencoder",
+        help="Latent diffusion: decode with this autoencoder (VQModel or AutoencoderKL: a folder, a pipeline's "
+        "vae/ or vqvae/, or a Hub repo) instead of the pipeline's own.",
+        show_default=False,
+    ),
+]
+AutoencoderScaleOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--autoencoder-scaling-factor",
+        help="Latent diffusion: the latent scale (default: the autoencoder config's; 1.0 for a VQModel config that "
+        "gives none, as CompVis' LDMs were trained).",
+        show_default=False,
+    ),
+]

@@ -15,8 +15,10 @@ class Reporter:
     def __init__(self, json_mode: bool, quiet: bool):
         self.json_mode, self.quiet = json_mode, quiet
         self.outputs: list[str] = []
+        self._held: list[str] = []
 
     def output(self, path: Path) -> None:
+        self._flush()
         self.outputs.append(str(path))
         if not self.json_mode:
             sys.stdout.write(f"{path}\n")
@@ -26,12 +28,24 @@ class Reporter:
         if not self.quiet:
             sys.stderr.write(f"{message}\n")
 
+    def note_later(self, message: str) -> None:
+        """A note shown once the work starts (the loader's notes): a run refused for its arguments prints only
+        its one-line error."""
+        self._held.append(message)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, []
+        for message in held:
+            self.note(message)
+
     def finish(self, document: dict[str, Any]) -> None:
+        self._flush()
         if self.json_mode:
             write_json({"outputs": self.outputs, **document})
 
     def progress(self, description: str, total: int) -> "Progress":
         """A progress bar for ``total`` units of work, on when stderr is a terminal and not ``--quiet``."""
+        self._flush()
         return Progress(description, total, enabled=not self.quiet and sys.stderr.isatty(), transient=True)
 
 

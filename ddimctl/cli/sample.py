@@ -12,6 +12,7 @@ from ..errors import DdimctlError, NumericsError
 from .app import command
 from .common import finite_or_note, load_engine, plan_batches, plan_outputs, report_doc
 from .options import (
+    AutoencoderOpt, AutoencoderScaleOpt, VariantOpt,
     DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, ChannelsLastOpt, ClassLabelOpt, ClipOpt, CompileOpt,
     DeterministicOpt, GuidanceOpt,
     DeviceOpt, DtypeOpt, EtaOpt, JsonOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SeedOpt,
@@ -23,6 +24,9 @@ from .output import Reporter
 @command
 def sample(
     model: ModelOpt = DEFAULT_MODEL,
+    variant: VariantOpt = None,
+    autoencoder: AutoencoderOpt = None,
+    autoencoder_scaling_factor: AutoencoderScaleOpt = None,
     n: Annotated[int, typer.Option("--n", "-n", min=1, help="Number of images.")] = 16,
     steps: StepsOpt = DEFAULT_STEPS,
     eta: EtaOpt = 0.0,
@@ -68,14 +72,16 @@ def sample(
             rep.note(f"{latents}: spacing {spacing}, as recorded in the file")
     options = SamplingOptions(steps=steps, eta=eta, sampler=sampler, spacing=spacing, clip_sample=clip_sample,
                               channels_last=channels_last, deterministic=deterministic, guidance_scale=guidance_scale)
-    engine = load_engine(model, device, dtype, options, compile_model, rep)
+    engine = load_engine(model, device, dtype, options, compile_model, rep,
+                         variant=variant, autoencoder=autoencoder,
+                         autoencoder_scaling_factor=autoencoder_scaling_factor)
     labels = labels_for(parse_class_labels(class_label) if class_label is not None else None, n, class_label)
     labels = labels if labels is not None else engine.default_labels(range(n))
     engine.class_labels(labels)  # refuse labels the model cannot take before any work
     if x_given is not None:
         from ..latents import check_shape
 
-        check_shape(x_given, engine.image_shape, latents)
+        check_shape(x_given, engine.latent_shape, latents)
         if x_prev is not None:
             engine.check_latent_pair(latents, meta)
     job = _SampleJob(engine, rep, out, [f"{i:06d}" for i in range(n)], seed, fmt, grid, save_latents, labels)
@@ -149,6 +155,8 @@ class _SampleJob:
             if self.fmt == "png":
                 save_png(x0[j], self.pngs[i])
                 self.rep.output(self.pngs[i])
+            if self.save_latents:
+                self.rep.output(self._latent_path(i))
             if self.fmt == "safetensors" or self.grid is not None:
                 self.kept[i] = x0[j]
 
