@@ -38,7 +38,7 @@ class SamplingOptions:
     steps: int = 50
     eta: float = 0.0
     sampler: str = "ddim"
-    spacing: str | None = None  # None: the checkpoint's (logsnr for dpm++2m on VP models)
+    spacing: str | None = None  # None: the checkpoint's (logsnr for the multistep samplers on VP models)
     inversion: str = "exact"  # "exact" | "plain"
     tol: float = 1e-5
     max_iter: int = 50
@@ -48,9 +48,10 @@ class SamplingOptions:
     def resolved_spacing(self, settings: SamplerSettings) -> str:
         if self.spacing is not None:
             return self.spacing
-        # DPM-Solver++(2M) extrapolates in log-SNR: steps uniform in it suit VP models (benchmarks/accuracy.py);
-        # rectified flow's own uniform-sigma (trailing) grid measured better there.
-        if self.sampler == "dpm++2m" and settings.kind == "vp":
+        # The multistep samplers extrapolate in log-SNR (or, ipndm, in sigma = b / a): steps uniform in log-SNR
+        # suit them on VP models (benchmarks/samplers.py); rectified flow's own uniform-sigma (trailing) grid
+        # measured better there.
+        if self.sampler != "ddim" and settings.kind == "vp":
             return "logsnr"
         return settings.timestep_spacing
 
@@ -62,8 +63,8 @@ class SamplingOptions:
             raise SettingError(("spacing", self.spacing), f"unknown spacing (expected one of {', '.join(SPACINGS)})")
         if self.inversion not in INVERSIONS:
             raise SettingError(("inversion", self.inversion), f"expected one of {', '.join(INVERSIONS)}")
-        if self.sampler == "dpm++2m" and self.eta != 0:
-            raise SettingError(("eta", self.eta), "the dpm++2m sampler is deterministic (use eta 0, or the ddim sampler)")
+        if self.sampler != "ddim" and self.eta != 0:
+            raise SettingError(("eta", self.eta), f"the {self.sampler} sampler is deterministic (use eta 0, or the ddim sampler)")
 
 
 @dataclass

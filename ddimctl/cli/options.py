@@ -30,11 +30,15 @@ SpacingOpt = Annotated[
     typer.Option(
         "--spacing",
         help="Timestep spacing: leading, trailing, linspace, quad, logsnr. Default: the checkpoint's "
-        "(logsnr for dpm++2m).",
+        "(logsnr for every sampler but ddim on DDPM models).",
         show_default=False,
     ),
 ]
-SamplerOpt = Annotated[str, typer.Option("--sampler", help="Sampler: ddim, or dpm++2m (second order, deterministic).")]
+SamplerOpt = Annotated[
+    str,
+    typer.Option("--sampler", help="Sampler: ddim; or deterministic multistep: dpm++2m, dpm++3m, unipc (DPM-Solver++ 2M "
+                 "with the UniC corrector), ipndm (4th-order Adams-Bashforth)."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32), float32, float16 or bfloat16.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per model call.")]
