@@ -44,6 +44,7 @@ class SamplingOptions:
     max_iter: int = 50
     clip_sample: bool | None = None  # None: the checkpoint's
     channels_last: bool = False  # feed the model channels-last inputs (the model's weights should be too)
+    schedule_file: str | None = None  # a tuned schedule (ddimctl tune): its levels replace the spacing's
 
     def resolved_spacing(self, settings: SamplerSettings) -> str:
         if self.spacing is not None:
@@ -63,6 +64,9 @@ class SamplingOptions:
             raise SettingError(("spacing", self.spacing), f"unknown spacing (expected one of {', '.join(SPACINGS)})")
         if self.inversion not in INVERSIONS:
             raise SettingError(("inversion", self.inversion), f"expected one of {', '.join(INVERSIONS)}")
+        if self.schedule_file is not None and self.spacing is not None:
+            raise SettingError([("schedule", self.schedule_file), ("spacing", self.spacing)],
+                               "a tuned schedule places its own steps; leave the spacing out")
         if self.sampler != "ddim" and self.eta != 0:
             raise SettingError(("eta", self.eta), f"the {self.sampler} sampler is deterministic (use eta 0, or the ddim sampler)")
 
@@ -113,6 +117,11 @@ class Engine:
             self.plan: SamplingPlan = self.settings.plan(self.options.steps)
         except ValueError as e:
             raise SettingError([("steps", self.options.steps), ("spacing", spacing)], str(e)) from None
+        if self.options.schedule_file is not None:
+            from .tuning import load_schedule, model_identity
+
+            self.plan = load_schedule(self.options.schedule_file, *model_identity(self.source), self.options.sampler,
+                                      self.options.steps, self.settings.schedule())
         self.denoiser: Denoiser = self.settings.denoiser(self._call_model)
         # Clipping or thresholding x0_hat makes the step many-to-one, so no inversion can undo it: invert, and
         # decode (which must retrace an inversion), run the plain ODE.
@@ -151,7 +160,7 @@ class Engine:
 
     @property
     def spacing(self) -> str:
-        return self.settings.timestep_spacing
+        return "tuned" if self.options.schedule_file is not None else self.settings.timestep_spacing
 
     # -- records of what ran -------------------------------------------------------------------------------------
 
@@ -166,6 +175,7 @@ class Engine:
                 "eta": self.options.eta,
                 "sampler": self.options.sampler,
                 "spacing": self.spacing,
+                "schedule": self.options.schedule_file,
                 "prediction_type": self.settings.prediction_type,
                 "clip_sample": self.settings.clip_sample,
                 "device": str(self.device),
@@ -181,6 +191,7 @@ class Engine:
             "model_revision": getattr(r, "revision", None) or "",
             "steps": str(self.options.steps),
             "spacing": self.spacing,
+            **({"schedule": self.options.schedule_file} if self.options.schedule_file is not None else {}),
             "sampler": self.options.sampler,
             "inversion": self.options.inversion,
             "prediction_type": self.settings.prediction_type,

@@ -39,6 +39,15 @@ SamplerOpt = Annotated[
     typer.Option("--sampler", help="Sampler: ddim; or deterministic multistep: dpm++2m, dpm++3m, unipc (DPM-Solver++ 2M "
                  "with the UniC corrector), ipndm (4th-order Adams-Bashforth)."),
 ]
+ScheduleOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--schedule",
+        help="A schedule file from `ddimctl tune`: call the model at its tuned noise levels (it sets --steps, and "
+        "is refused for another model or sampler).",
+        show_default=False,
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32), float32, float16 or bfloat16.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per model call.")]
