@@ -10,10 +10,10 @@ import typer
 from .. import DEFAULT_MODEL
 from ..errors import NumericsError
 from .app import command
-from .common import finite_or_note, load_engine, plan_outputs, report_doc
+from .common import finite_or_note, load_engine, plan_outputs, report_doc, schedule_steps
 from .options import (
     DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, DeviceOpt, DtypeOpt, InversionOpt, JsonOpt, ModelOpt, OutOpt,
-    OverwriteOpt, QuietOpt, SamplerOpt, SpacingOpt, StepsOpt,
+    OverwriteOpt, QuietOpt, SamplerOpt, ScheduleOpt, SpacingOpt, StepsOpt,
 )
 from .output import Reporter
 
@@ -27,6 +27,7 @@ def interpolate(
     steps: StepsOpt = DEFAULT_STEPS,
     spacing: SpacingOpt = None,
     sampler: SamplerOpt = "ddim",
+    schedule: ScheduleOpt = None,
     inversion: InversionOpt = "exact",
     batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
     out: OutOpt = Path("interpolation"),
@@ -49,8 +50,10 @@ def interpolate(
     from ..sampler import slerp
 
     rep = Reporter(json_out, quiet)
-    engine = load_engine(model, device, dtype, SamplingOptions(steps=steps, sampler=sampler, spacing=spacing,
-                                                               inversion=inversion), False, rep)
+    engine = load_engine(model, device, dtype, SamplingOptions(steps=schedule_steps(steps, schedule), sampler=sampler,
+                                                               spacing=spacing, inversion=inversion,
+                                                               schedule_file=None if schedule is None else str(schedule)),
+                         False, rep)
     ends = [parse_end(spec, engine.image_shape) for spec in (a, b)]
     for end in ends:
         for n in end.notes:

@@ -11,10 +11,12 @@ import typer
 from .. import DEFAULT_MODEL
 from ..errors import NumericsError
 from .app import command
-from .common import finite_or_note, image_paths, load_engine, load_images, my_share, output_names, plan_outputs, report_doc
+from .common import (
+    finite_or_note, image_paths, load_engine, load_images, my_share, output_names, plan_outputs, report_doc, schedule_steps,
+)
 from .options import (
     DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, DeviceOpt, DtypeOpt, InversionOpt, JsonOpt, MaxIterOpt,
-    ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SkipExistingOpt, SpacingOpt, StepsOpt, TolOpt,
+    ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, ScheduleOpt, SkipExistingOpt, SpacingOpt, StepsOpt, TolOpt,
 )
 from .output import Reporter
 
@@ -28,6 +30,7 @@ def invert(
     steps: StepsOpt = DEFAULT_STEPS,
     spacing: SpacingOpt = None,
     sampler: SamplerOpt = "ddim",
+    schedule: ScheduleOpt = None,
     inversion: InversionOpt = "exact",
     tol: TolOpt = 1e-5,
     max_iter: MaxIterOpt = 50,
@@ -45,7 +48,8 @@ def invert(
 
     rep = Reporter(json_out, quiet)
     job = _InversionJob(images, out, SUFFIX, rep)
-    engine = job.start(model, device, dtype, steps, spacing, sampler, inversion, tol, max_iter, overwrite, skip_existing)
+    engine = job.start(model, device, dtype, schedule_steps(steps, schedule), spacing, sampler, inversion, tol, max_iter,
+                       overwrite, skip_existing, schedule)
     with rep.progress("inverting", len(job.work) * len(engine.plan)) as bar:
         for chunk, x0, infos in job.batches(batch_size):
             x_T, stats = engine.invert(x0, lambda info: bar.advance(len(chunk)))
@@ -65,6 +69,7 @@ def reconstruct(
     steps: StepsOpt = DEFAULT_STEPS,
     spacing: SpacingOpt = None,
     sampler: SamplerOpt = "ddim",
+    schedule: ScheduleOpt = None,
     inversion: InversionOpt = "exact",
     tol: TolOpt = 1e-5,
     max_iter: MaxIterOpt = 50,
@@ -83,7 +88,8 @@ def reconstruct(
     rep = Reporter(json_out, quiet)
     job = _InversionJob(images, out, ".png", rep)
     compares = [out / f"{p.stem}.compare.png" for p in job.paths]
-    engine = job.start(model, device, dtype, steps, spacing, sampler, inversion, tol, max_iter, overwrite, skip_existing)
+    engine = job.start(model, device, dtype, schedule_steps(steps, schedule), spacing, sampler, inversion, tol, max_iter,
+                       overwrite, skip_existing, schedule)
     plan_outputs([compares[i] for i in job.work], overwrite, False)
     with rep.progress("reconstructing", len(job.work) * 2 * len(engine.plan)) as bar:
         for chunk, x0, infos in job.batches(batch_size):
@@ -117,13 +123,14 @@ class _InversionJob:
         self.records: list[dict[str, Any]] = []
         self.failed: list[str] = []
 
-    def start(self, model, device, dtype, steps, spacing, sampler, inversion, tol, max_iter, overwrite, skip_existing):
+    def start(self, model, device, dtype, steps, spacing, sampler, inversion, tol, max_iter, overwrite, skip_existing,
+              schedule=None):
         """Build the engine and plan the outputs, refusing whatever cannot be done before any work."""
         from ..fsutil import check_writable_dir
         from ..pipeline import SamplingOptions
 
         options = SamplingOptions(steps=steps, sampler=sampler, spacing=spacing, inversion=inversion, tol=tol,
-                                  max_iter=max_iter)
+                                  max_iter=max_iter, schedule_file=None if schedule is None else str(schedule))
         self.options = options
         self.engine = load_engine(model, device, dtype, options, False, self.rep)
         self.engine.check_invertible()

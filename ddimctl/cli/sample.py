@@ -10,11 +10,11 @@ import typer
 from .. import DEFAULT_MODEL
 from ..errors import DdimctlError, NumericsError
 from .app import command
-from .common import finite_or_note, load_engine, my_share, plan_outputs, report_doc
+from .common import finite_or_note, load_engine, my_share, plan_outputs, report_doc, schedule_steps
 from .options import (
     DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, ChannelsLastOpt, ClipOpt, CompileOpt, DeviceOpt, DtypeOpt,
-    EtaOpt, JsonOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SeedOpt, SkipExistingOpt, SpacingOpt,
-    StepsOpt,
+    EtaOpt, JsonOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, ScheduleOpt, SeedOpt, SkipExistingOpt,
+    SpacingOpt, StepsOpt,
 )
 from .output import Reporter
 
@@ -27,6 +27,7 @@ def sample(
     eta: EtaOpt = 0.0,
     spacing: SpacingOpt = None,
     sampler: SamplerOpt = "ddim",
+    schedule: ScheduleOpt = None,
     clip_sample: ClipOpt = None,
     seed: SeedOpt = 0,
     batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
@@ -59,8 +60,9 @@ def sample(
 
         x_given, _ = load_latents(latents)
         n = x_given.shape[0]
-    options = SamplingOptions(steps=steps, eta=eta, sampler=sampler, spacing=spacing, clip_sample=clip_sample,
-                              channels_last=channels_last)
+    options = SamplingOptions(steps=schedule_steps(steps, schedule), eta=eta, sampler=sampler, spacing=spacing,
+                              clip_sample=clip_sample, channels_last=channels_last,
+                              schedule_file=None if schedule is None else str(schedule))
     engine = load_engine(model, device, dtype, options, compile_model, rep)
     if x_given is not None:
         from ..latents import check_shape
