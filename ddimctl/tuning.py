@@ -200,6 +200,99 @@ def plan_error(denoise: Denoise, plan: SamplingPlan, sampler: str, noises: Tenso
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# GITS: the best S of the reference's steps by dynamic programming (no gradient, no extra model call)
+
+
+@dataclass
+class Reference:
+    """Reference samples and the trajectory that produced them: ``x0`` (K, ...); ``plan``: the fine plan (N
+    calls); ``points[i]``, ``x0s[i]``: where call i was made and its data prediction (K, ...) each."""
+
+    x0: Tensor
+    plan: SamplingPlan
+    points: list[Tensor] = field(default_factory=list)
+    x0s: list[Tensor] = field(default_factory=list)
+
+
+@torch.no_grad()
+def reference_trajectory(
+    denoise: Denoise,
+    schedule: Schedule,
+    noises: Tensor,
+    sampler: str = REFERENCE_SAMPLER,
+    steps: int = REFERENCE_STEPS,
+    batch_size: int = 64,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> Reference:
+    """:func:`reference_samples` that also keeps every call's point and data prediction (for :func:`gits_lambdas`)."""
+    plan = make_plan(schedule, steps, "logsnr")
+    outs, points, x0s = [], [[] for _ in range(steps)], [[] for _ in range(steps)]
+    for sl in _batches(len(noises), batch_size):
+        seen: list[Tensor] = [noises[sl]]
+
+        def keep(info: dict[str, Any]) -> None:
+            k = info["step"] - 1
+            points[k].append(seen[-1])  # the point the model was called at (the previous step's result)
+            x0s[k].append(info["x0"])
+            seen.append(info["x"])
+            if callback is not None:
+                callback(info)
+
+        outs.append(sample(denoise, noises[sl], plan, sampler, callback=keep))
+    return Reference(torch.cat(outs), plan, [torch.cat(p) for p in points], [torch.cat(p) for p in x0s])
+
+
+def gits_lambdas(ref: Reference, steps: int, discount: float = 1.0) -> np.ndarray:
+    """GITS (Chen et al. 2024, arXiv 2405.11326): choose S of the reference's N call levels by dynamic programming
+    over the costs of :func:`gits_costs`: the path of S jumps from call 0 to the clean end with the least summed
+    cost, the k-th jump's cost (from 0) weighted by ``discount ** k`` (GITS' ``coeff``).
+    Returns the S levels' log-SNR (the first is the start)."""
+    N = len(ref.plan)
+    if not 1 <= steps <= N:
+        raise ValueError(f"steps must be between 1 and the reference's {N} calls, got {steps}")
+    return plan_lambdas(ref.plan)[cheapest_path(gits_costs(ref), steps, discount)[:-1]]
+
+
+def gits_costs(ref: Reference) -> np.ndarray:
+    """(N + 1, N + 1) costs: ``cost[i, j]`` (i < j) is the distance between the first-order (DDIM) step from the
+    reference's point i to level j and the reference's point at j (the clean end for j = N), averaged over the
+    noises; inf elsewhere.
+
+    It is measured in x itself, not in x / a as GITS does in EDM's coordinates: an error in x made at a noisy
+    level passes on to the sample about unchanged, while x / a weighs it by 1 / a (on the built-in mnist that put
+    every call of 5 above sigma = 1.8).
+    """
+    plan, N = ref.plan, len(ref.plan)
+    a, b = np.asarray(plan.a, np.float64), np.asarray(plan.b, np.float64)
+    targets = ref.points[1:] + [ref.x0]  # the reference at levels 1 .. N
+    cost = np.full((N + 1, N + 1), np.inf)
+    for i in range(N):
+        x, x0 = ref.points[i].double(), ref.x0s[i].double()
+        eps = (x - a[i] * x0) / b[i]
+        for j in range(i + 1, N + 1):
+            jump = a[j] * x0 + b[j] * eps  # the DDIM step i -> j
+            cost[i, j] = float((jump - targets[j - 1].double()).flatten(1).norm(dim=1).mean())
+    return cost
+
+
+def cheapest_path(cost: np.ndarray, steps: int, discount: float = 1.0) -> list[int]:
+    """The nodes 0 = i_0 < i_1 < ... < i_S = N (N + 1 = len(cost)) minimizing sum_k discount^k cost[i_k, i_(k+1)]."""
+    N = len(cost) - 1
+    V = np.full((N + 1, steps + 1), np.inf)  # V[i, k]: the least cost from node i to N in k jumps
+    nxt = np.zeros((N + 1, steps + 1), dtype=np.int64)
+    V[N, 0] = 0.0
+    for k in range(1, steps + 1):
+        for i in range(N):
+            c = cost[i, i + 1 :] + discount * V[i + 1 :, k - 1]
+            j = int(np.argmin(c))
+            V[i, k], nxt[i, k] = c[j], i + 1 + j
+    path = [0]
+    for k in range(steps, 0, -1):
+        path.append(int(nxt[path[-1], k]))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Tuning
 
 
@@ -484,366 +577,6 @@ def load_schedule(
         if any(abs(ea - ga) > 1e-6 or abs(eb - gb) > 1e-6 for (ea, eb), (ga, gb) in zip(expected, got)):
             raise SettingError(field_, "its levels are not this model's noise schedule at its timesteps")
     return plan
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# GITS: the best S of the reference's steps by dynamic programming (no gradient, no extra model call)
-
-
-@dataclass
-class Reference:
-    """Reference samples and the trajectory that produced them: ``x0`` (K, ...); ``plan``: the fine plan (N
-    calls); ``points[i]``, ``x0s[i]``: where call i was made and its data prediction (K, ...) each."""
-
-    x0: Tensor
-    plan: SamplingPlan
-    points: list[Tensor] = field(default_factory=list)
-    x0s: list[Tensor] = field(default_factory=list)
-
-
-@torch.no_grad()
-def reference_trajectory(
-    denoise: Denoise,
-    schedule: Schedule,
-    noises: Tensor,
-    sampler: str = REFERENCE_SAMPLER,
-    steps: int = REFERENCE_STEPS,
-    batch_size: int = 64,
-    callback: Callable[[dict[str, Any]], None] | None = None,
-) -> Reference:
-    """:func:`reference_samples` that also keeps every call's point and data prediction (for :func:`gits_lambdas`)."""
-    plan = make_plan(schedule, steps, "logsnr")
-    outs, points, x0s = [], [[] for _ in range(steps)], [[] for _ in range(steps)]
-    for sl in _batches(len(noises), batch_size):
-        seen: list[Tensor] = [noises[sl]]
-
-        def keep(info: dict[str, Any]) -> None:
-            k = info["step"] - 1
-            points[k].append(seen[-1])  # the point the model was called at (the previous step's result)
-            x0s[k].append(info["x0"])
-            seen.append(info["x"])
-            if callback is not None:
-                callback(info)
-
-        outs.append(sample(denoise, noises[sl], plan, sampler, callback=keep))
-    return Reference(torch.cat(outs), plan, [torch.cat(p) for p in points], [torch.cat(p) for p in x0s])
-
-
-def gits_lambdas(ref: Reference, steps: int, discount: float = 1.0) -> np.ndarray:
-    """GITS (Chen et al. 2024, arXiv 2405.11326): choose S of the reference's N call levels by dynamic programming
-    over the costs of :func:`gits_costs`: the path of S jumps from call 0 to the clean end with the least summed
-    cost, the k-th jump's cost (from 0) weighted by ``discount ** k`` (GITS' ``coeff``).
-    Returns the S levels' log-SNR (the first is the start)."""
-    N = len(ref.plan)
-    if not 1 <= steps <= N:
-        raise ValueError(f"steps must be between 1 and the reference's {N} calls, got {steps}")
-    return plan_lambdas(ref.plan)[cheapest_path(gits_costs(ref), steps, discount)[:-1]]
-
-
-def gits_costs(ref: Reference) -> np.ndarray:
-    """(N + 1, N + 1) costs: ``cost[i, j]`` (i < j) is the distance between the first-order (DDIM) step from the
-    reference's point i to level j and the reference's point at j (the clean end for j = N), averaged over the
-    noises; inf elsewhere.
-
-    It is measured in x itself, not in x / a as GITS does in EDM's coordinates: an error in x made at a noisy
-    level passes on to the sample about unchanged, while x / a weighs it by 1 / a (on the built-in mnist that put
-    every call of 5 above sigma = 1.8).
-    """
-    plan, N = ref.plan, len(ref.plan)
-    a, b = np.asarray(plan.a, np.float64), np.asarray(plan.b, np.float64)
-    targets = ref.points[1:] + [ref.x0]  # the reference at levels 1 .. N
-    cost = np.full((N + 1, N + 1), np.inf)
-    for i in range(N):
-        x, x0 = ref.points[i].double(), ref.x0s[i].double()
-        eps = (x - a[i] * x0) / b[i]
-        for j in range(i + 1, N + 1):
-            jump = a[j] * x0 + b[j] * eps  # the DDIM step i -> j
-            cost[i, j] = float((jump - targets[j - 1].double()).flatten(1).norm(dim=1).mean())
-    return cost
-
-
-def cheapest_path(cost: np.ndarray, steps: int, discount: float = 1.0) -> list[int]:
-    """The nodes 0 = i_0 < i_1 < ... < i_S = N (N + 1 = len(cost)) minimizing sum_k discount^k cost[i_k, i_(k+1)]."""
-    N = len(cost) - 1
-    V = np.full((N + 1, steps + 1), np.inf)  # V[i, k]: the least cost from node i to N in k jumps
-    nxt = np.zeros((N + 1, steps + 1), dtype=np.int64)
-    V[N, 0] = 0.0
-    for k in range(1, steps + 1):
-        for i in range(N):
-            c = cost[i, i + 1 :] + discount * V[i + 1 :, k - 1]
-            j = int(np.argmin(c))
-            V[i, k], nxt[i, k] = c[j], i + 1 + j
-    path = [0]
-    for k in range(steps, 0, -1):
-        path.append(int(nxt[path[-1], k]))
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tuning a loaded model (what ``ddimctl tune`` runs)
-
-
-def model_identity(source: Any) -> tuple[str | None, str | None]:
-    """(reference, revision) of the weights an engine runs: the Hub commit for Hub models, else
-    ``sha256:<hex>`` of the weights file (so retrained built-in or local weights are told apart)."""
-    if source is None:
-        return None, None
-    revision = getattr(source, "revision", None)
-    weights = getattr(source, "weights", None)
-    if not revision and weights is not None:
-        from .checkpoint import sha256_file
-
-        revision = "sha256:" + sha256_file(Path(weights))
-    return getattr(source, "ref", None), revision
-
-
-def tune_engine(
-    engine: Any,
-    seeds: Sequence[int],
-    heldout_seeds: Sequence[int],
-    method: str = "ld3",
-    iterations: int = 20,
-    reference_steps: int = REFERENCE_STEPS,
-    batch_size: int = 64,
-    callback: Callable[[dict[str, Any]], None] | None = None,
-) -> "TunedSchedule":
-    """Tune ``engine.plan``'s levels for ``engine.options.sampler`` with ``engine.options.steps`` calls on the noises
-    of ``seeds`` (each seed's x_T, as ``Engine.generate`` draws it), then measure the tuned and the untuned plan
-    (``engine.plan``, the engine's spacing) against the reference on those and on ``heldout_seeds``.
-
-    ``callback`` gets ``phase`` ("reference", "tuning", "held-out"), ``step`` and ``total``. The model's
-    parameters are frozen while tuning and restored after.
-    """
-    sampler, steps = engine.options.sampler, engine.options.steps
-    schedule = engine.settings.schedule()
-    denoise = engine.denoiser
-    model = engine.model
-    frozen = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else []
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        noises = engine.noise(list(seeds))
-        ref = reference_trajectory(denoise, schedule, noises, REFERENCE_SAMPLER, reference_steps, batch_size,
-                                   callback=_phase(callback, "reference"))
-        report = TuneReport()
-        plan = tune_plan(denoise, schedule, steps, sampler, noises, ref, method=method, iterations=iterations,
-                         batch_size=batch_size, callback=callback, report=report)
-        errors = {"train": {"tuned": plan_error(denoise, plan, sampler, noises, ref.x0, batch_size),
-                            "untuned": plan_error(denoise, engine.plan, sampler, noises, ref.x0, batch_size)}}
-        if len(heldout_seeds):
-            held = engine.noise(list(heldout_seeds))
-            held_ref = reference_samples(denoise, schedule, held, REFERENCE_SAMPLER, reference_steps, batch_size,
-                                         callback=_phase(callback, "held-out"))
-            errors["heldout"] = {"tuned": plan_error(denoise, plan, sampler, held, held_ref, batch_size),
-                                 "untuned": plan_error(denoise, engine.plan, sampler, held, held_ref, batch_size)}
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    ref_name, revision = model_identity(engine.source)
-    tuning = {
-        "method": method, "iterations": iterations if method == "ld3" else 0,
-        "reference": {"sampler": REFERENCE_SAMPLER, "steps": reference_steps, "spacing": "logsnr"},
-        "untuned_spacing": engine.spacing, "seeds": list(seeds), "heldout_seeds": list(heldout_seeds),
-        "initial_error": report.initial_error, "losses": report.losses,
-    }
-    return TunedSchedule.from_plan(plan, ref_name or "", revision, sampler, engine.settings.kind,
-                                   engine.settings.prediction_type, errors=errors, tuning=tuning)
-
-
-def _phase(callback, phase: str):
-    if callback is None:
-        return None
-    return lambda info: callback({**info, "phase": phase})
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Schedule files
-
-
-@dataclass
-class TunedSchedule:
-    """The content of a schedule file. ``timesteps`` (S model times), ``a``, ``b`` (S + 1 levels, the last the
-    clean end); ``errors``: RMS against the reference on the training and held-out noises, tuned and untuned
-    (``{"train": {"tuned": .., "untuned": ..}, "heldout": {...}}``); ``tuning``: how it was made."""
-
-    model: str
-    model_revision: str
-    sampler: str
-    steps: int
-    kind: str
-    prediction_type: str
-    timesteps: list[float]
-    a: list[float]
-    b: list[float]
-    errors: dict[str, dict[str, float]] = field(default_factory=dict)
-    tuning: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_plan(cls, plan: SamplingPlan, model: str, model_revision: str | None, sampler: str, kind: str,
-                  prediction_type: str, **extra: Any) -> "TunedSchedule":
-        plan = detach_plan(plan)
-        return cls(model, model_revision or "", sampler, len(plan), kind, prediction_type,
-                   [float(v) for v in plan.timesteps], [float(v) for v in plan.a], [float(v) for v in plan.b], **extra)
-
-    def plan(self) -> SamplingPlan:
-        return SamplingPlan(np.asarray(self.timesteps, np.float64), np.asarray(self.a, np.float64),
-                            np.asarray(self.b, np.float64))
-
-
-def save_schedule(path: str | os.PathLike, schedule: TunedSchedule) -> Path:
-    """Write ``schedule`` as JSON (atomically), with the format name and the package version."""
-    from . import __version__
-    from .fsutil import write_bytes_atomic
-
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "ddimctl_version": __version__, **asdict(schedule)}
-    return write_bytes_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
-
-
-def read_schedule(path: str | os.PathLike) -> TunedSchedule:
-    """Read a schedule file; a file that is not one is a one-line :class:`InputError`."""
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except OSError as e:
-        raise InputError(f"{p}: cannot read the schedule ({first_line(e)})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{p}: not a ddimctl schedule file (not JSON: {first_line(e)})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise InputError(f"{p}: not a ddimctl schedule file (no \"format\": \"{FORMAT}\")")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{p}: schedule format version {doc.get('format_version')} is not supported")
-    names = {f for f in TunedSchedule.__dataclass_fields__}
-    try:
-        sched = TunedSchedule(**{k: v for k, v in doc.items() if k in names})
-        plan = sched.plan()
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{p}: malformed schedule file ({first_line(e)})") from None
-    S = sched.steps
-    if not (len(plan.timesteps) == S and len(plan.a) == len(plan.b) == S + 1 and S >= 1):
-        raise InputError(f"{p}: malformed schedule file (expected {S} timesteps and {S + 1} levels)")
-    if not (np.all(np.isfinite(plan.timesteps)) and np.all(np.isfinite(plan.a)) and np.all(np.isfinite(plan.b))):
-        raise InputError(f"{p}: malformed schedule file (non-finite levels)")
-    return sched
-
-
-def load_schedule(
-    path: str | os.PathLike,
-    model_ref: str | None,
-    revision: str | None,
-    sampler: str,
-    steps: int | None = None,
-    schedule: Schedule | None = None,
-) -> SamplingPlan:
-    """The plan of a schedule file, refused (one-line :class:`SettingError` on ``schedule``) when it was tuned for
-    other weights (``revision``, see :func:`model_identity`; by ``model_ref`` where a revision is missing), another sampler, another number of steps (when ``steps`` is given) or
-    another noise schedule (when ``schedule`` is given: the file's levels must be the schedule's at its times)."""
-    sched = read_schedule(path)
-    field_ = ("schedule", str(path))
-    if revision and sched.model_revision:
-        if sched.model_revision != revision:
-            raise SettingError(field_, f"tuned for model {sched.model} ({_short(sched.model_revision)}), not "
-                                       f"{model_ref} ({_short(revision)})")
-    elif model_ref is not None and sched.model != model_ref:
-        raise SettingError(field_, f"tuned for model {sched.model}, not {model_ref}")
-    if sched.sampler != sampler:
-        raise SettingError(field_, f"tuned for sampler {sched.sampler}, not {sampler}")
-    if steps is not None and sched.steps != steps:
-        raise SettingError(field_, f"tuned for {sched.steps} steps, not {steps}")
-    plan = sched.plan()
-    if schedule is not None:
-        if schedule.kind != sched.kind:
-            raise SettingError(field_, f"tuned for a {sched.kind} model, not a {schedule.kind} one")
-        try:
-            expected = [schedule.ab(float(t)) for t in plan.timesteps]
-        except ValueError as e:
-            raise SettingError(field_, f"does not fit this model's noise schedule ({first_line(e)})") from None
-        got = list(zip(plan.a[:-1], plan.b[:-1]))
-        if any(abs(ea - ga) > 1e-6 or abs(eb - gb) > 1e-6 for (ea, eb), (ga, gb) in zip(expected, got)):
-            raise SettingError(field_, "its levels are not this model's noise schedule at its timesteps")
-    return plan
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# GITS: the best S of the reference's steps by dynamic programming (no gradient, no extra model call)
-
-
-@dataclass
-class Reference:
-    """Reference samples and the trajectory that produced them: ``x0`` (K, ...); ``plan``: the fine plan (N
-    calls); ``points[i]``, ``x0s[i]``: where call i was made and its data prediction (K, ...) each."""
-
-    x0: Tensor
-    plan: SamplingPlan
-    points: list[Tensor] = field(default_factory=list)
-    x0s: list[Tensor] = field(default_factory=list)
-
-
-@torch.no_grad()
-def reference_trajectory(
-    denoise: Denoise,
-    schedule: Schedule,
-    noises: Tensor,
-    sampler: str = REFERENCE_SAMPLER,
-    steps: int = REFERENCE_STEPS,
-    batch_size: int = 64,
-    callback: Callable[[dict[str, Any]], None] | None = None,
-) -> Reference:
-    """:func:`reference_samples` that also keeps every call's point and data prediction (for :func:`gits_lambdas`)."""
-    plan = make_plan(schedule, steps, "logsnr")
-    outs, points, x0s = [], [[] for _ in range(steps)], [[] for _ in range(steps)]
-    for sl in _batches(len(noises), batch_size):
-        seen: list[Tensor] = [noises[sl]]
-
-        def keep(info: dict[str, Any]) -> None:
-            k = info["step"] - 1
-            points[k].append(seen[-1])  # the point the model was called at (the previous step's result)
-            x0s[k].append(info["x0"])
-            seen.append(info["x"])
-            if callback is not None:
-                callback(info)
-
-        outs.append(sample(denoise, noises[sl], plan, sampler, callback=keep))
-    return Reference(torch.cat(outs), plan, [torch.cat(p) for p in points], [torch.cat(p) for p in x0s])
-
-
-def gits_lambdas(ref: Reference, steps: int, discount: float = 1.0) -> np.ndarray:
-    """GITS (Chen et al. 2024, arXiv 2405.11326): choose S of the reference's N call levels by dynamic programming.
-
-    The cost of a jump from call i to level j is the distance between the first-order (DDIM) step from the
-    reference's point i and the reference's point at j (the clean end for j = N), averaged over the noises. It is
-    measured in x itself, not in x / a as GITS does in EDM's coordinates: an error in x made at a noisy level
-    passes on to the sample about unchanged (x / a would weigh it by 1 / a, and on the built-in mnist put every
-    call of 5 above sigma = 1.8); the chosen path of S jumps from call 0 to the clean end minimizes the summed cost, each jump's cost
-    weighted by ``discount`` to the power of the jumps left after it (GITS' ``coeff``). Returns the S levels'
-    log-SNR (the first is the start).
-    """
-    plan, N = ref.plan, len(ref.plan)
-    if not 1 <= steps <= N:
-        raise ValueError(f"steps must be between 1 and the reference's {N} calls, got {steps}")
-    a, b = np.asarray(plan.a, np.float64), np.asarray(plan.b, np.float64)
-    targets = ref.points[1:] + [ref.x0]  # the reference at levels 1 .. N
-    cost = np.full((N + 1, N + 1), np.inf)
-    for i in range(N):
-        x, x0 = ref.points[i].double(), ref.x0s[i].double()
-        eps = (x - a[i] * x0) / b[i]
-        for j in range(i + 1, N + 1):
-            jump = a[j] * x0 + b[j] * eps  # 1. the DDIM step i -> j
-            err = jump - targets[j - 1].double()  # 2. its error in x
-            cost[i, j] = float(err.flatten(1).norm(dim=1).mean())
-    # 3. V[i, k]: the least cost from level i to the clean end in k jumps
-    V = np.full((N + 1, steps + 1), np.inf)
-    nxt = np.zeros((N + 1, steps + 1), dtype=np.int64)
-    V[N, 0] = 0.0
-    for k in range(1, steps + 1):
-        for i in range(N):
-            c = cost[i, i + 1 :] + discount * V[i + 1 :, k - 1]
-            j = int(np.argmin(c))
-            V[i, k], nxt[i, k] = c[j], i + 1 + j
-    path, i = [0], 0
-    for k in range(steps, 1, -1):
-        i = int(nxt[i, k])
-        path.append(i)
-    return plan_lambdas(plan)[path]
 
 
 def _short(revision: str) -> str:
