@@ -25,8 +25,10 @@ _EXPORTS = {
     "latents": ["load_latents", "save_latents"],
     "pipeline": ["Engine", "SamplingOptions"],
     "prediction": ["Denoiser", "Thresholding", "from_x0_eps", "to_x0_eps"],
-    "sampler": ["ddim_sigma", "ddim_step", "make_generators", "randn", "sample", "sample_ddim", "sample_dpmpp_2m", "slerp"],
+    "sampler": ["ddim_sigma", "ddim_step", "make_generators", "randn", "sample", "sample_ddim", "sample_dpmpp_2m",
+                "sample_dpmpp_3m", "sample_ipndm", "sample_unipc", "slerp"],
     "schedule": ["Schedule", "SamplingPlan", "flow_schedule", "make_plan", "select_timesteps", "vp_schedule"],
+    "tuning": ["load_schedule", "read_schedule", "reference_samples", "save_schedule", "tune_plan"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -524,6 +524,7 @@ def _solve(evaluate, target, guess, coeff, active, *, tol_res, tol_change, max_i
     fs: list[Tensor] = []
     hist_from = torch.zeros(B, dtype=torch.long, device=dev)  # per image: history entries before this are void
     kry_count = torch.zeros(B, dtype=torch.long, device=dev)
+    damp = torch.ones(B, dtype=torch.float64, device=dev)  # the safeguard's step length (see below)
     while bool(act.any()):
         idx = act.nonzero().flatten()
         x_to_i, (x0_i, eps_i) = evaluate(x[idx], idx)
@@ -571,11 +572,13 @@ def _solve(evaluate, target, guess, coeff, active, *, tol_res, tol_change, max_i
                                      dF.transpose(1, 2) @ f.unsqueeze(2))  # (B, m, 1)
             g = g - (dG @ gam).squeeze(2)
         x_new = g.to(x.dtype).view_as(x)
-        # safeguard: where the last iterate is no better than the best, restart from the best with a plain
-        # frozen-model step (and a fresh Anderson history)
-        worse = act & ~better & torch.isfinite(best_res)
+        # safeguard: where the last iterate is twice as far off as the best (Anderson may go up a little on its
+        # way down; resetting it at every rise stalls it), restart from the best with a frozen-model step, halved at each further failure (backtracking: repeating the same step from the same point would
+        # cycle), and a fresh Anderson history; a success doubles the step back towards the full one
+        worse = act & (res > 2 * best_res) & torch.isfinite(best_res)
+        damp = torch.where(worse, damp * 0.5, torch.where(better, (damp * 2).clamp(max=1.0), damp))
         if bool(worse.any()):
-            plain = best_x + (target - best_to) / coeff
+            plain = best_x + _bcast(damp, best_x).to(best_x.dtype) * (target - best_to) / coeff
             x_new = torch.where(_bcast(worse, x_new), plain.to(x.dtype), x_new)
             hist_from = torch.where(worse, torch.full_like(hist_from, len(fs)), hist_from)
         # Newton-Krylov where the frozen-model iteration stalls

@@ -50,7 +50,7 @@ class SamplingOptions:
     steps: int = 50
     eta: float = 0.0
     sampler: str = "ddim"
-    spacing: str | None = None  # None: the checkpoint's (logsnr for dpm++2m on VP models)
+    spacing: str | None = None  # None: the checkpoint's (logsnr for the multistep samplers on VP models)
     inversion: str = "exact"  # "exact" | "plain"
     tol: float = 3e-3  # exact inversion: RMS error (model units) it may leave in the decoded image
     max_iter: int = 50
@@ -59,15 +59,17 @@ class SamplingOptions:
     deterministic: bool = False  # each sample in its own fixed-shape forward: results independent of batching
     guidance_scale: float = 1.0  # classifier-free guidance weight (class-conditional models with a null label)
     inverting: bool = False  # the job inverts images (default spacing: inversion_spacing)
+    schedule_file: str | None = None  # a tuned schedule (ddimctl tune): its levels replace the spacing's
 
     def resolved_spacing(self, settings: SamplerSettings) -> str:
         if self.spacing is not None:
             return self.spacing
         if self.inverting:
             return inversion_spacing(settings)
-        # DPM-Solver++(2M) extrapolates in log-SNR: steps uniform in it suit VP models (benchmarks/accuracy.py);
-        # rectified flow's own uniform-sigma (trailing) grid measured better there.
-        if self.sampler == "dpm++2m" and settings.kind == "vp":
+        # The multistep samplers extrapolate in log-SNR (or, ipndm, in sigma = b / a): steps uniform in log-SNR
+        # suit them on VP models (benchmarks/samplers.py); rectified flow's own uniform-sigma (trailing) grid
+        # measured better there.
+        if self.sampler not in ("ddim", "bdia") and settings.kind == "vp":
             return "logsnr"
         return settings.timestep_spacing
 
@@ -79,10 +81,11 @@ class SamplingOptions:
             raise SettingError(("spacing", self.spacing), f"unknown spacing (expected one of {', '.join(SPACINGS)})")
         if self.inversion not in INVERSIONS:
             raise SettingError(("inversion", self.inversion), f"expected one of {', '.join(INVERSIONS)}")
-        if self.sampler == "dpm++2m" and self.eta != 0:
-            raise SettingError(("eta", self.eta), "the dpm++2m sampler is deterministic (use eta 0, or the ddim sampler)")
-        if self.sampler == "bdia" and self.eta != 0:
-            raise SettingError(("eta", self.eta), "the bdia sampler is deterministic (use eta 0, or the ddim sampler)")
+        if self.schedule_file is not None and self.spacing is not None:
+            raise SettingError([("schedule", self.schedule_file), ("spacing", self.spacing)],
+                               "a tuned schedule places its own steps; leave the spacing out")
+        if self.sampler != "ddim" and self.eta != 0:
+            raise SettingError(("eta", self.eta), f"the {self.sampler} sampler is deterministic (use eta 0, or the ddim sampler)")
         if not self.guidance_scale >= 0:
             raise SettingError(("guidance_scale", self.guidance_scale), "must be >= 0 (1: no guidance)")
         if self.sampler == "bdia" and self.steps < 2:
@@ -170,6 +173,11 @@ class Engine:
             self.plan: SamplingPlan = self.settings.plan(self.options.steps)
         except ValueError as e:
             raise SettingError([("steps", self.options.steps), ("spacing", spacing)], str(e)) from None
+        if self.options.schedule_file is not None:
+            from .tuning import load_schedule, model_identity
+
+            self.plan = load_schedule(self.options.schedule_file, *model_identity(self.source), self.options.sampler,
+                                      self.options.steps, self.settings.schedule())
         self.denoiser: Denoiser = self.settings.denoiser(self._call_model)
         # Clipping or thresholding x0_hat makes the step many-to-one, so no inversion can undo it: invert, and
         # decode (which must retrace an inversion), run the plain ODE.
@@ -286,7 +294,7 @@ class Engine:
 
     @property
     def spacing(self) -> str:
-        return self.settings.timestep_spacing
+        return "tuned" if self.options.schedule_file is not None else self.settings.timestep_spacing
 
     # -- records of what ran -------------------------------------------------------------------------------------
 
@@ -301,6 +309,7 @@ class Engine:
                 "eta": self.options.eta,
                 "sampler": self.options.sampler,
                 "spacing": self.spacing,
+                "schedule": self.options.schedule_file,
                 "prediction_type": self.settings.prediction_type,
                 "clip_sample": self.settings.clip_sample,
                 "guidance_scale": self.options.guidance_scale,
@@ -317,6 +326,7 @@ class Engine:
             "model_revision": getattr(r, "revision", None) or "",
             "steps": str(self.options.steps),
             "spacing": self.spacing,
+            **({"schedule": self.options.schedule_file} if self.options.schedule_file is not None else {}),
             "sampler": self.options.sampler,
             "inversion": self.options.inversion,
             "prediction_type": self.settings.prediction_type,

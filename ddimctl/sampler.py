@@ -72,6 +72,10 @@ def _expm1(v):
     return torch.expm1(v) if torch.is_tensor(v) else math.expm1(v)
 
 
+def _exp(v):
+    return torch.exp(v) if torch.is_tensor(v) else math.exp(v)
+
+
 def _isfinite(v) -> bool:
     return bool(torch.isfinite(v)) if torch.is_tensor(v) else math.isfinite(v)
 
@@ -250,7 +254,7 @@ def sample_bdia(
     ``x_next`` = x_1, what :func:`ddimctl.inversion.invert_bdia` returns) it starts at step 1, one call fewer.
     """
     ts = model_times(plan, x)
-    B, S = x.shape[0], len(plan)
+    S = len(plan)
     if x_next is None:
         pred_x0, pred_eps = denoise(x, ts[0:1], plan.a[0], plan.b[0])
         x_prev, x = x, ddim_step(pred_x0, pred_eps, plan.a[1], plan.b[1])
@@ -272,11 +276,264 @@ def _sample_bdia(denoise, x, plan, eta, generators, callback):
     return sample_bdia(denoise, x, plan, callback=callback)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# DPM-Solver++(3M): third-order multistep in the data prediction
+
+
+def dpmpp_3m_update(
+    x: Tensor, x0: Tensor, x0_prev: Tensor | None, x0_prev2: Tensor | None, a, b, a_to, b_to, h_prev, h_prev2
+) -> tuple[Tensor, Any]:
+    """One DPM-Solver++(3M) step from level (a, b) to (a_to, b_to); returns (x_to, h).
+
+    ``x0_prev``, ``x0_prev2``: the data predictions of the two previous points and ``h_prev``, ``h_prev2`` the
+    log-SNR steps that led from each to the next (None / inf: fewer points, lower order). With h = lambda_to -
+    lambda, r0 = h_prev / h, r1 = h_prev2 / h (DPM-Solver's official ``multistep_dpm_solver_third_update``,
+    algorithm "dpmsolver++"; Lu et al. 2022, arXiv 2211.01095)::
+
+        D1_0 = (x0 - x0_prev) / r0,   D1_1 = (x0_prev - x0_prev2) / r1                 (divided differences)
+        D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),   D2 = (D1_0 - D1_1) / (r0 + r1)
+        x_to = (b_to / b) x - a_to (e^-h - 1) x0 + a_to ((e^-h - 1) / h + 1) D1 - a_to ((e^-h - 1 + h) / h^2 - 1/2) D2
+
+    Without ``x0_prev2`` it is the 2M step (:func:`dpmpp_2m_update`), without ``x0_prev`` the DDIM step.
+
+    Note (measured, tests/test_samplers.py): with D1_0 - D1_1 ~ (r0 + r1) h^2 x0''/2 this D2 is h^2 x0''/2, half what
+    the phi_3 term needs for a third-order quadrature (the official *single-step* solver writes D2 with the
+    factor 2), so one step errs by O(h^3) and the method converges at second order. The reference formula is
+    kept: it gives the same samples as diffusers and k-diffusion, and at 5-10 calls it is no less accurate than
+    the corrected one (benchmarks/samplers.py); it is better only from about 15 calls on.
+    """
+    if x0_prev2 is None or not _isfinite(h_prev2) or b_to == 0:
+        return dpmpp_2m_update(x, x0, x0_prev, a, b, a_to, b_to, h_prev)
+    h = lam(a_to, b_to) - lam(a, b)
+    r0, r1 = h_prev / h, h_prev2 / h
+    # 1. divided differences of the data prediction in lambda, scaled by h
+    d1_0, d1_1 = (x0 - x0_prev) / r0, (x0_prev - x0_prev2) / r1
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    # 2. the exponential integrator's phi functions of -h: phi_1 = e^-h - 1, phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2
+    phi_1 = _expm1(-h)
+    phi_2 = phi_1 / h + 1
+    phi_3 = phi_2 / h - 0.5
+    # 3. x_to = (b_to / b) x - a_to phi_1 x0 + a_to phi_2 D1 - a_to phi_3 D2
+    return (b_to / b) * x - (a_to * phi_1) * x0 + (a_to * phi_2) * d1 - (a_to * phi_3) * d2, h
+
+
+@sampling_function
+def sample_dpmpp_3m(denoise: Denoise, x: Tensor, plan: SamplingPlan, callback: Callback | None = None) -> Tensor:
+    """DPM-Solver++(3M) (:func:`dpmpp_3m_update`): first order on the first step, second on the second; the
+    step into the clean end is first order (lambda = inf there: no extrapolation in lambda reaches it) and the one
+    before it second order (as diffusers' ``lower_order_final``)."""
+    ts = model_times(plan, x)
+    S = len(plan)
+    ends_clean = plan.b[S] == 0
+    x0s: list[Tensor] = []  # data predictions at the previous points, newest first
+    hs: list[Any] = []  # the log-SNR steps that led to them, newest first
+    for k in range(S):
+        a, b, a_to, b_to = plan.a[k], plan.b[k], plan.a[k + 1], plan.b[k + 1]
+        x0, _ = denoise(x, ts[k : k + 1], a, b)
+        before_end = ends_clean and k == S - 2 and S < 15  # second order before the clean end (diffusers)
+        prev = x0s[0] if x0s else None
+        prev2 = x0s[1] if len(x0s) > 1 and not before_end else None
+        x, h = dpmpp_3m_update(x, x0, prev, prev2, a, b, a_to, b_to, hs[0] if hs else math.inf,
+                               hs[1] if len(hs) > 1 else math.inf)
+        x0s, hs = [x0] + x0s[:1], [h] + hs[:1]
+        if callback is not None:
+            callback({"step": k + 1, "total": S, "x": x, "x0": x0})
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# UniPC: a multistep predictor (UniP) and a corrector (UniC) that reuses the next model call
+
+
+def _solve_small(R: list[list[Any]], rhs: list[Any]) -> list[Any]:
+    """Solve the small dense system R rho = rhs by Gaussian elimination (no pivoting: R is Vandermonde in distinct
+    nodes); entries may be Python floats or 0-d tensors, so the float path stays float and the tensor path
+    differentiable."""
+    n = len(rhs)
+    M = [list(row) + [v] for row, v in zip(R, rhs)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            f = M[j][i] / M[i][i]
+            M[j] = [mj - f * mi for mj, mi in zip(M[j], M[i])]
+    rho = [0.0] * n
+    for i in reversed(range(n)):
+        rho[i] = (M[i][n] - sum(M[i][j] * rho[j] for j in range(i + 1, n))) / M[i][i]
+    return rho
+
+
+def unipc_bh2_update(
+    x: Tensor, x0: Tensor, a, b, a_to, b_to, history: Sequence[tuple[Tensor, Any]] = (), x0_to: Tensor | None = None
+) -> Tensor:
+    """One UniPC step in the data prediction with B(h) = e^h - 1 ("bh2"), from level (a, b) to (a_to, b_to).
+
+    ``history``: (x0_i, lambda_i) of earlier points, newest first. Without ``x0_to`` this is the predictor UniP-p
+    with p = len(history) + 1; with ``x0_to`` (the model's data prediction at the point UniP-p predicted) it is the
+    corrector UniC-p, which recomputes the same step with that extra point and is of order p + 1 (Zhao et al.
+    2023, arXiv 2302.04867; the official ``multistep_uni_pc_bh_update`` and diffusers' ``multistep_uni_c_bh_update``)::
+
+        h = lambda_to - lambda,   r_i = (lambda_i - lambda) / h,   D_i = (x0_i - x0) / r_i
+        x_to = (b_to / b) x - a_to (e^-h - 1) x0 - a_to B(h) (sum_i rho_i D_i  [+ rho_c (x0_to - x0)])
+        sum_j rho_j r_j^(m-1) = g_m m! / B(h),  m = 1..K,   g_1 = (e^-h - 1) / (-h) - 1,  g_(m+1) = g_m / (-h) - 1/(m+1)!
+
+    (r = 1 for the corrector's new point). UniP-2 uses rho = 1/2, which is exactly DPM-Solver++(2M); UniC-1 uses
+    rho_c = 1/2. Into the clean end (b_to = 0, h = inf) only the first-order step is defined: x_to = a_to x0.
+    """
+    if b_to == 0:
+        return a_to * x0
+    lam_s = lam(a, b)
+    h = lam(a_to, b_to) - lam_s
+    hh = -h  # the data prediction integrates e^-h
+    h_phi_1 = _expm1(hh)  # 1. h phi_1(h) = e^-h - 1
+    B_h = h_phi_1  # 2. B(h) of the "bh2" variant
+    x_to = (b_to / b) * x - (a_to * h_phi_1) * x0  # 3. the first-order (DDIM) part
+    rks = [(lam_i - lam_s) / h for _, lam_i in history]
+    diffs = [(x0_i - x0) / r for (x0_i, _), r in zip(history, rks)]
+    if x0_to is not None:
+        rks, diffs = rks + [1.0], diffs + [x0_to - x0]
+    if not diffs:
+        return x_to
+    # 4. the order conditions: g_m, m = 1..K, of the phi functions of -h
+    K = len(diffs)
+    rhs, g, fact = [], h_phi_1 / hh - 1, 1.0
+    for m in range(1, K + 1):
+        rhs.append(g * fact / B_h)
+        fact *= m + 1
+        g = g / hh - 1 / fact
+    if x0_to is None and K == 1:
+        rho = [0.5]  # UniP-2: the official code's simplification, which is DPM-Solver++(2M)
+    elif x0_to is not None and K == 1:
+        rho = [0.5]  # UniC-1
+    else:
+        rho = _solve_small([[r ** (m - 1) for r in rks] for m in range(1, K + 1)], rhs)
+    # 5. x_to -= a_to B(h) sum_i rho_i D_i
+    correction = rho[0] * diffs[0]
+    for r_i, d_i in zip(rho[1:], diffs[1:]):
+        correction = correction + r_i * d_i
+    return x_to - (a_to * B_h) * correction
+
+
+@sampling_function
+def sample_unipc(
+    denoise: Denoise, x: Tensor, plan: SamplingPlan, order: int = 2, callback: Callback | None = None
+) -> Tensor:
+    """UniPC (bh2) of predictor order ``order`` (1..3; the default 2 is the DPM-Solver++(2M) predictor): after
+    each model call at the predicted point x_k, the corrector UniC recomputes x_k from x_{k-1} with that call
+    (:func:`unipc_bh2_update` with ``x0_to``), and the next predictor starts from the corrected x_k with the same
+    call, so it costs no extra call. The last prediction (into the clean end) is never corrected: no call is made
+    there. Predictor orders: min(order, k + 1) at step k, lower near the end as diffusers' ``lower_order_final``
+    (order 1 into the clean end).
+
+    State carried between steps: the point the last predictor started from (``x_from``), its level and the
+    history it used, so the corrector can redo that step.
+    """
+    if not 1 <= order <= 3:
+        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
+    ts = model_times(plan, x)
+    S = len(plan)
+    history: list[tuple[Tensor, Any]] = []  # (x0, lambda) at earlier points, newest first
+    pending = None  # (x_from, x0_from, k_from, history_from) of the last predictor step
+    for k in range(S):
+        a, b, a_to, b_to = plan.a[k], plan.b[k], plan.a[k + 1], plan.b[k + 1]
+        x0, _ = denoise(x, ts[k : k + 1], a, b)
+        if pending is not None:
+            # UniC: redo the step x_{k-1} -> x_k with the model's data prediction at the predicted x_k
+            x_from, x0_from, j, hist_from = pending
+            x = unipc_bh2_update(x_from, x0_from, plan.a[j], plan.b[j], a, b, hist_from, x0_to=x0)
+        p = min(order, k + 1, S - k)  # lower order on the first and the last steps
+        hist = history[: p - 1]
+        x_next = unipc_bh2_update(x, x0, a, b, a_to, b_to, hist)  # UniP-p
+        pending = (x, x0, k, hist)
+        lam_k = lam(a, b)
+        # a point at pure noise (lambda = -inf, as a flow plan's first) is infinitely far: no use to extrapolate
+        history = ([(x0, lam_k)] if _isfinite(lam_k) else []) + history[: order - 1]
+        x = x_next
+        if callback is not None:
+            callback({"step": k + 1, "total": S, "x": x, "x0": x0})
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# iPNDM: fixed-coefficient Adams-Bashforth in (x / a, sigma = b / a)
+
+#: Adams-Bashforth coefficients for orders 1..4, newest derivative first (iPNDM, Zhang & Chen 2022, arXiv 2204.13902).
+IPNDM_COEFFICIENTS: dict[int, tuple[float, ...]] = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+def ipndm_update(x0: Tensor, eps: Sequence[Tensor], a, b, a_to, b_to) -> Tensor:
+    """One iPNDM step from level (a, b) to (a_to, b_to); ``eps``: the noise predictions at this point and the
+    earlier ones, newest first (their count is the order, 1..4).
+
+    In y = x / a and sigma = b / a the probability-flow ODE is dy/dsigma = eps_hat, and iPNDM takes the
+    Adams-Bashforth step with fixed coefficients c_j whatever the step sizes (Zhang & Chen 2022, the "improved
+    PNDM" of DEIS; diff-solvers' ``ipndm_sampler``)::
+
+        y_to = y + (sigma_to - sigma) sum_j c_j eps_(k-j)                     (c = 55/24, -59/24, 37/24, -9/24 at order 4)
+
+    written as the DDIM step plus the Adams-Bashforth correction, so that the first (first-order) step may start
+    from pure noise (a = 0, sigma = inf)::
+
+        x_to = a_to x0 + b_to eps_k + a_to (sigma_to - sigma) (sum_j c_j eps_(k-j) - eps_k)
+
+    The step into the clean end (sigma_to = 0) is of full order: nothing in it is singular there.
+    """
+    x_to = a_to * x0 + b_to * eps[0]  # 1. the Euler step in (y, sigma): DDIM
+    if len(eps) == 1:
+        return x_to
+    coeffs = IPNDM_COEFFICIENTS[len(eps)]
+    # 2. sum_j c_j eps_(k-j) - eps_k
+    combo = (coeffs[0] - 1.0) * eps[0]
+    for c, e in zip(coeffs[1:], eps[1:]):
+        combo = combo + c * e
+    # 3. a_to (sigma_to - sigma) = b_to - a_to b / a
+    return x_to + (b_to - a_to * b / a) * combo
+
+
+@sampling_function
+def sample_ipndm(
+    denoise: Denoise, x: Tensor, plan: SamplingPlan, order: int = 4, callback: Callback | None = None
+) -> Tensor:
+    """iPNDM (:func:`ipndm_update`): Adams-Bashforth of order min(``order``, k + 1) at step k (1..4)."""
+    if not 1 <= order <= 4:
+        raise ValueError(f"iPNDM order must be between 1 and 4, got {order}")
+    ts = model_times(plan, x)
+    S = len(plan)
+    eps_hist: list[Tensor] = []  # noise predictions at the earlier points, newest first
+    for k in range(S):
+        a, b, a_to, b_to = plan.a[k], plan.b[k], plan.a[k + 1], plan.b[k + 1]
+        x0, eps = denoise(x, ts[k : k + 1], a, b)
+        eps_hist = [eps] + eps_hist[: order - 1]
+        x = ipndm_update(x0, eps_hist[: min(order, k + 1)], a, b, a_to, b_to)
+        if callback is not None:
+            callback({"step": k + 1, "total": S, "x": x, "x0": x0})
+    return x
+
+
+def _deterministic(name: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The registry's ``f(denoise, x, plan, eta, generators, callback)`` for an ODE-only sampler."""
+
+    def run(denoise, x, plan, eta, generators, callback):
+        if eta != 0:
+            raise ValueError(f"the {name} sampler is deterministic: use eta 0 (or the ddim sampler for eta > 0)")
+        return fn(denoise, x, plan, callback=callback)
+
+    run.__name__ = f"_sample_{name}"
+    return run
+
+
 #: name -> f(denoise, x, plan, eta, generators, callback); every sampler reachable by name (``--sampler``).
 SAMPLE_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
     "ddim": sample_ddim,
     "dpm++2m": _sample_dpmpp_2m,
     "bdia": _sample_bdia,
+    "dpm++3m": _deterministic("dpm++3m", sample_dpmpp_3m),
+    "unipc": _deterministic("unipc", sample_unipc),
+    "ipndm": _deterministic("ipndm", sample_ipndm),
 }
 SAMPLERS = tuple(SAMPLE_FUNCTIONS)
 

@@ -3,7 +3,9 @@
 Every process ddimctl samples is written as ``x_t = a_t * x0 + b_t * eps``:
 
 * variance-preserving (DDPM): ``a_t = sqrt(alphas_cumprod[t])``, ``b_t = sqrt(1 - alphas_cumprod[t])`` for the
-  integer training timesteps ``t = 0 .. T-1``; the model is called with ``t``;
+  integer training timesteps ``t = 0 .. T-1``; the model is called with ``t``. Between two training timesteps
+  ``log a_t`` is interpolated linearly in t (DPM-Solver's continuous-time view of a discrete model), so a plan may
+  call the model at a fractional time;
 * rectified flow: ``a = 1 - sigma``, ``b = sigma`` for ``sigma`` in [0, 1]; the model is called with
   ``sigma * T`` (diffusers' flow convention, ``T = num_train_timesteps``, 1000 by default).
 
@@ -22,6 +24,15 @@ import numpy as np
 
 Kind = Literal["vp", "flow"]
 SPACINGS = ("leading", "trailing", "linspace", "quad", "logsnr")
+#: How each spacing places its S model calls (S = steps; the (S+1)-th level is always the clean end):
+SPACING_DOCS = {
+    "leading": "t = k * (T // S) + offset, k = S-1 .. 0 (diffusers); the last call is at t = offset",
+    "trailing": "t = round(T - k T / S) - 1, k = 0 .. S-1 (diffusers); starts at t = T-1, the last call at t ~ T/S - 1",
+    "linspace": "S times evenly spaced over [0, T-1], both ends included (diffusers); the last call at t = 0",
+    "quad": "t = floor((k sqrt(0.8 T) / (S-1))^2) (the DDIM paper); the last call at t = 0",
+    "logsnr": "S+1 nodes uniform in log-SNR from the noisiest to the least noisy training time; the model is called "
+              "at the first S (fractional times), the last step goes to the clean end instead of the last node",
+}
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
@@ -42,12 +53,55 @@ class Schedule:
     shift: float = 1.0
 
     def ab(self, t: float) -> tuple[float, float]:
-        """(a_t, b_t) at a model time t: an integer timestep for VP; ``sigma * T`` (sigma already shifted) for flow."""
+        """(a_t, b_t) at a model time t: an integer timestep for VP; ``sigma * T`` (sigma already shifted) for flow.
+
+        VP at a fractional t interpolates ``log a`` linearly between the two training timesteps around it (as
+        DPM-Solver's ``NoiseScheduleVP('discrete')``); an integer t reads the table, exactly as before.
+        """
         if self.kind == "vp":
-            abar = float(self.alphas_cumprod[int(round(t))])
-            return math.sqrt(abar), math.sqrt(1.0 - abar)
+            T = len(self.alphas_cumprod)
+            if not -1e-9 <= t <= T - 1 + 1e-9:
+                raise ValueError(f"model time {t} is outside the training range 0..{T - 1}")
+            i = int(round(t))
+            if abs(t - i) <= 1e-9:
+                abar = float(self.alphas_cumprod[i])
+                return math.sqrt(abar), math.sqrt(1.0 - abar)
+            i = min(int(math.floor(t)), T - 2)
+            w = t - i
+            log_a = self._log_a()
+            la = (1.0 - w) * float(log_a[i]) + w * float(log_a[i + 1])
+            return math.exp(la), math.sqrt(-math.expm1(2.0 * la))
         s = t / self.num_train_timesteps
         return 1.0 - s, s
+
+    def _log_a(self) -> np.ndarray:
+        """log a_t = log(alphas_cumprod) / 2 at each training timestep (VP), float64 (T,); -inf at zero SNR."""
+        with np.errstate(divide="ignore"):
+            return 0.5 * np.log(self.alphas_cumprod)
+
+    def time_of_lambda(self, lam: float) -> float:
+        """The model time whose level has ``log(a / b) = lam`` (the inverse of :meth:`ab` through lambda).
+
+        VP: inverts the piecewise-linear ``log a`` of :meth:`ab`; lam must lie within the training range.
+        Flow: ``sigma = 1 / (1 + exp(lam))``, time ``sigma * T`` (pure noise at lam = -inf).
+        """
+        if self.kind == "vp":
+            log_a = -0.5 * math.log1p(math.exp(-2.0 * lam)) if lam > -350 else lam  # a^2 = sigmoid(2 lam)
+            table = self._log_a()  # decreasing in t
+            if not table[-1] - 1e-12 <= log_a <= table[0] + 1e-12:
+                raise ValueError(f"log-SNR {lam:.4g} is outside the model's training range")
+            return float(np.interp(log_a, table[::-1], np.arange(len(table), dtype=np.float64)[::-1]))
+        sigma = 1.0 / (1.0 + math.exp(lam)) if lam < 700 else 0.0
+        return sigma * self.num_train_timesteps
+
+    def lambda_range(self) -> tuple[float, float]:
+        """(noisiest, least noisy) log-SNR the model was trained on; the first may be -inf (zero terminal SNR, flow)."""
+        if self.kind == "vp":
+            lam = self.lambdas()
+            return float(lam[-1]), float(lam[0])
+        T = self.num_train_timesteps
+        hi = shift_sigma(1.0 / T, self.shift)
+        return -math.inf, math.log1p(-hi) - math.log(hi)
 
     def lambdas(self) -> np.ndarray:
         """log(a_t / b_t) for each integer training timestep (flow: at sigma = (t + 1) / T); float64, (T,)."""
@@ -137,9 +191,10 @@ def select_timesteps(
     """The S integer training timesteps to visit, in decreasing order (int64, shape (S,)).
 
     ``leading``, ``trailing`` and ``linspace`` equal diffusers' DDIMScheduler.set_timesteps; ``quad`` is the DDIM
-    paper's quadratic spacing ``(linspace(0, sqrt(0.8 T), S))**2``; ``logsnr`` spaces the steps uniformly in
-    ``lambda = log(a_t / b_t)`` (needs ``lambdas``, one per training timestep), nearest training timestep,
-    duplicates removed. ``quad`` and ``logsnr`` may return fewer than S timesteps when S is close to T.
+    paper's quadratic spacing ``(linspace(0, sqrt(0.8 T), S))**2``; ``logsnr`` gives the training timesteps nearest
+    to the S calls of :func:`logsnr_nodes` (needs ``lambdas``, one per training timestep), duplicates removed
+    (:func:`make_plan` calls the model at the exact fractional times instead). ``quad`` and ``logsnr`` may return
+    fewer than S timesteps when S is close to T.
     """
     T = num_train_timesteps
     if not 1 <= steps <= T:
@@ -166,14 +221,40 @@ def select_timesteps(
 
 
 def _logsnr_timesteps(lam: np.ndarray, steps: int) -> np.ndarray:
-    """Timesteps whose log-SNR is closest to a uniform grid; an infinite end (zero SNR) is kept as it is."""
+    """The training timesteps nearest to :func:`logsnr_nodes`' S model calls (duplicates removed)."""
     finite = np.isfinite(lam)
-    lo, hi = lam[finite].min(), lam[finite].max()
-    targets = np.linspace(lo, hi, steps)
+    targets = _uniform_nodes(float(lam[finite].min()), float(lam[finite].max()), steps, not finite[-1])[:-1]
     ts = np.abs(np.where(finite, lam, np.inf)[None, :] - targets[:, None]).argmin(axis=1)
     if not finite[-1]:
         ts[0] = len(lam) - 1  # start from pure noise
     return np.unique(ts)[::-1]
+
+
+def _uniform_nodes(lo: float, hi: float, steps: int, infinite_start: bool) -> np.ndarray:
+    """S + 1 log-SNR nodes uniform on [lo, hi]; the first is -inf when the process starts at pure noise."""
+    nodes = np.linspace(lo, hi, steps + 1)
+    if infinite_start:
+        nodes[0] = -math.inf
+    return nodes
+
+
+def logsnr_nodes(schedule: Schedule, steps: int) -> np.ndarray:
+    """The log-SNR of the S model calls of ``logsnr`` spacing (float64, (S,), increasing).
+
+    S + 1 nodes uniform in lambda from the noisiest training time (t = T-1) to the least noisy (t = 0); the model
+    is called at the first S and the last step goes to the clean end instead of the last node, so no call is spent
+    at t = 0, where almost no noise is left (DPM-Solver's ``logSNR`` time steps end at the least noisy time the
+    same way). Where the noisiest level is pure noise (zero terminal SNR, rectified flow at sigma = 1), the first
+    node sits there and the others are uniform from the next training time on.
+    """
+    T = schedule.num_train_timesteps
+    if schedule.kind == "vp":
+        lam = schedule.lambdas()
+        finite = np.isfinite(lam)
+        return _uniform_nodes(float(lam[finite].min()), float(lam[finite].max()), steps, not finite[-1])[:-1]
+    _, hi = schedule.lambda_range()
+    s_lo = shift_sigma((T - 1) / T, schedule.shift)
+    return _uniform_nodes(math.log1p(-s_lo) - math.log(s_lo), hi, steps, True)[:-1]
 
 
 @dataclass(frozen=True)
@@ -204,14 +285,38 @@ def make_plan(schedule: Schedule, steps: int, spacing: str = "leading", steps_of
     VP: levels come from ``alphas_cumprod``; the clean end uses ``final_alpha_cumprod``.
     Flow: integer timestep ``t`` maps to sigma ``(t + 1) / T`` (so ``trailing`` gives sigma 1, 1 - 1/S, ..., 1/S,
     exactly a uniform grid), then ``shift``; the clean end is sigma 0. The model sees ``sigma * T``.
+    ``logsnr`` calls the model at the exact fractional times of :func:`logsnr_nodes` (see :data:`SPACING_DOCS`).
     """
     T = schedule.num_train_timesteps
+    if spacing == "logsnr":
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be between 1 and the {T} training timesteps, got {steps}")
+        return plan_from_lambdas(schedule, logsnr_nodes(schedule, steps))
     ts = select_timesteps(T, steps, spacing, steps_offset, schedule.lambdas())
     if schedule.kind == "vp":
         abar = np.append(schedule.alphas_cumprod[ts], schedule.final_alpha_cumprod)
         return SamplingPlan(ts.astype(np.float64), np.sqrt(abar), np.sqrt(1.0 - abar))
     sigmas = np.array([shift_sigma((t + 1) / T, schedule.shift) for t in ts] + [0.0])
     return SamplingPlan(sigmas[:-1] * T, 1.0 - sigmas, sigmas)
+
+
+def plan_from_lambdas(schedule: Schedule, lambdas: Sequence[float]) -> SamplingPlan:
+    """A plan that calls the model at the levels of log-SNR ``lambdas`` ((S,), increasing; -inf = pure noise),
+    then steps to the schedule's clean end. Model times come from :meth:`Schedule.time_of_lambda` and the levels
+    from :meth:`Schedule.ab` at those times, so levels and times agree exactly."""
+    lambdas = np.asarray(lambdas, np.float64)
+    if lambdas.ndim != 1 or len(lambdas) == 0 or np.any(np.diff(lambdas) <= 0):
+        raise ValueError("a plan needs one or more log-SNR values, strictly increasing")
+    T = schedule.num_train_timesteps
+    start = float(T - 1) if schedule.kind == "vp" else float(T)
+    ts = np.array([start if lam == -math.inf else schedule.time_of_lambda(float(lam)) for lam in lambdas])
+    levels = [schedule.ab(float(t)) for t in ts]
+    if schedule.kind == "vp":
+        end = (math.sqrt(schedule.final_alpha_cumprod), math.sqrt(1.0 - schedule.final_alpha_cumprod))
+    else:
+        end = (1.0, 0.0)
+    a, b = zip(*levels, end)
+    return SamplingPlan(ts, np.array(a, np.float64), np.array(b, np.float64))
 
 
 def plan_from_levels(timesteps: Sequence[float], a: Sequence[float], b: Sequence[float]) -> SamplingPlan:

@@ -31,7 +31,7 @@ class GaussianOracle:
 
     def __call__(self, x, t):
         self.calls += 1
-        a, b = self.schedule.ab(float(t[0]))
+        a, b = levels_at(self.schedule, t)
         x0, eps = self.predict(x, a, b)
         return from_x0_eps(x0, eps, a, b, self.prediction_type)
 
@@ -40,33 +40,97 @@ class GaussianOracle:
         return a_to * self.mu + torch.sqrt(a_to**2 * self.s**2 + b_to**2) * z
 
 
+def levels_at(schedule: Schedule, t: torch.Tensor):
+    """(a, b) at model time t[0]: floats from the schedule, or differentiable 0-d tensors when t requires grad
+    (a plan being tuned moves the model's time with its levels)."""
+    if t.requires_grad:
+        from ddimctl.tuning import LevelMap
+
+        a, b = LevelMap(schedule).ab_of_time(t[0].double())
+        return a.to(t.dtype), b.to(t.dtype)
+    return schedule.ab(float(t[0]))
+
+
 def rms(x):
     return float(x.pow(2).mean().sqrt())
 
 
 class MixtureOracle:
-    """``model(x_t, t)``: the optimal output for data drawn from a mixture of Gaussians N(mu_i, s^2 I) with weights
-    w_i -- a nonlinear denoiser (its x0_hat moves between the modes) with a closed form. At ``x_t = a x0 + b eps``
-    the component posterior is ``pi_i ~ w_i N(x_t; a mu_i, (a^2 s^2 + b^2) I)`` and
-    ``x0*(x_t) = sum_i pi_i (mu_i + a s^2 (x_t - a mu_i) / (a^2 s^2 + b^2))``. Counts calls."""
+    """``model(x_t, t)`` giving the optimal output of ``prediction_type`` for data drawn from the Gaussian mixture
+    ``sum_k w_k N(mu_k, s_k^2 I)`` (means (K, D), stds (K,), weights (K,)); counts calls.
 
-    def __init__(self, schedule: Schedule, mus: torch.Tensor, s: float, weights=None, prediction_type="epsilon"):
-        self.schedule, self.mus, self.s, self.prediction_type = schedule, mus, float(s), prediction_type
-        k = mus.shape[0]
-        self.logw = torch.log(torch.as_tensor(weights if weights is not None else [1.0 / k] * k, dtype=mus.dtype))
+    At ``x = a x0 + b eps`` component k has marginal ``N(a mu_k, v_k I)`` with ``v_k = a^2 s_k^2 + b^2``; with
+    responsibilities ``r_k(x)`` (its posterior probability) the optimal predictions are
+    ``x0* = sum_k r_k (mu_k + a s_k^2 (x - a mu_k) / v_k)`` and ``eps* = sum_k r_k b (x - a mu_k) / v_k``: defined
+    at pure noise (a = 0) and at the clean end (b = 0) alike. One component is the Gaussian oracle.
+    The probability-flow ODE has no closed form here: :meth:`ode_solution` integrates it to high accuracy.
+    """
+
+    def __init__(self, schedule: Schedule, means, stds, weights=None, prediction_type="epsilon"):
+        self.schedule, self.prediction_type = schedule, prediction_type
+        self.means = torch.as_tensor(means, dtype=torch.float64)  # (K, D)
+        K = self.means.shape[0]
+        self.stds = torch.as_tensor(stds, dtype=torch.float64).expand(K).clone()  # (K,)
+        w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.log_w = torch.log(w / w.sum())
         self.calls = 0
 
+    @classmethod
+    def random(cls, schedule: Schedule, components: int = 8, dim: int = 32, seed: int = 0, prediction_type="epsilon"):
+        """A fixed random mixture: means N(0, 0.5^2), stds in [0.1, 0.3], unequal weights; data roughly in [-1.5, 1.5]."""
+        g = torch.Generator().manual_seed(seed)
+        means = 0.5 * torch.randn(components, dim, generator=g, dtype=torch.float64)
+        stds = 0.1 + 0.2 * torch.rand(components, generator=g, dtype=torch.float64)
+        weights = 0.5 + torch.rand(components, generator=g, dtype=torch.float64)
+        return cls(schedule, means, stds, weights, prediction_type)
+
     def predict(self, x, a, b):
-        var = a * a * self.s**2 + b * b
-        d = x.unsqueeze(1) - a * self.mus.to(x.dtype)  # (B, K, D)
-        logp = self.logw.to(x.dtype) - 0.5 * d.pow(2).sum(-1) / var  # (B, K)
-        pi = torch.softmax(logp, dim=1).unsqueeze(-1)
-        x0 = (pi * (self.mus.to(x.dtype) + a * self.s**2 * d / var)).sum(1)
-        eps = (x - a * x0) / b if b > 0 else torch.zeros_like(x)
+        """(x0*, eps*) at level (a, b) for x (B, D); a, b floats or 0-d tensors."""
+        mu = self.means.to(x.dtype)  # (K, D)
+        v = a * a * self.stds.to(x.dtype) ** 2 + b * b  # (K,)
+        diff = x[:, None, :] - a * mu[None]  # (B, K, D)
+        D = x.shape[1]
+        log_r = self.log_w.to(x.dtype) - 0.5 * D * torch.log(v) - 0.5 * diff.pow(2).sum(-1) / v  # (B, K)
+        r = torch.softmax(log_r, dim=1)[:, :, None]  # (B, K, 1)
+        x0 = (r * (mu[None] + (a * self.stds.to(x.dtype) ** 2 / v)[None, :, None] * diff)).sum(1)
+        eps = (r * (b / v)[None, :, None] * diff).sum(1)
         return x0, eps
 
     def __call__(self, x, t):
         self.calls += 1
-        a, b = self.schedule.ab(float(t[0]))
+        a, b = levels_at(self.schedule, t)
         x0, eps = self.predict(x, a, b)
         return from_x0_eps(x0, eps, a, b, self.prediction_type)
+
+    def ode_solution(self, x_start, a_from, b_from, a_to, b_to, steps: int = 2000):
+        """The probability-flow ODE's solution from level (a_from, b_from) to (a_to, b_to), by classical RK4.
+
+        It integrates in rectified-flow coordinates, where every end is finite: ``z = x / (a + b)``,
+        ``s = b / (a + b)`` gives ``z = (1 - s) x0 + s eps`` and ``dz/ds = eps* - x0*``; ``steps`` RK4 steps
+        uniform in log-SNR (clipped to |lambda| <= 14, then one step to an infinite end). Its own error is checked
+        against the closed form (one component) and by halving the steps (tests/test_samplers.py).
+        """
+        def lam_of(a, b):
+            return math.log(a) - math.log(b) if a > 0 and b > 0 else (math.inf if b == 0 else -math.inf)
+
+        l0, l1 = lam_of(float(a_from), float(b_from)), lam_of(float(a_to), float(b_to))
+        inner = torch.linspace(max(l0, -14.0), min(l1, 14.0), steps + 1, dtype=torch.float64)
+        s_nodes = torch.sigmoid(-inner).tolist()
+        if l0 < -14.0:
+            s_nodes = [float(b_from) / (float(a_from) + float(b_from))] + s_nodes
+        if l1 > 14.0:
+            s_nodes = s_nodes + [float(b_to) / (float(a_to) + float(b_to))]
+
+        def velocity(z, s):
+            x0, eps = self.predict(z, 1.0 - s, s)
+            return eps - x0
+
+        z = x_start.double() / (float(a_from) + float(b_from))
+        for s, s_next in zip(s_nodes[:-1], s_nodes[1:]):
+            h = s_next - s
+            k1 = velocity(z, s)
+            k2 = velocity(z + 0.5 * h * k1, s + 0.5 * h)
+            k3 = velocity(z + 0.5 * h * k2, s + 0.5 * h)
+            k4 = velocity(z + h * k3, s_next)
+            z = z + h * (k1 + 2 * k2 + 2 * k3 + k4) / 6
+        return (z * (float(a_to) + float(b_to))).to(x_start.dtype)

@@ -8,7 +8,7 @@ import torch
 
 from ddimctl.perf import CompiledWithFallback, prepare_model
 from ddimctl.pipeline import Engine, SamplingOptions
-from ddimctl.sampler import make_generators, sample_ddim, sample_dpmpp_2m
+from ddimctl.sampler import make_generators, sample_ddim, sample_dpmpp_2m, sample_dpmpp_3m, sample_ipndm, sample_unipc
 from ddimctl.settings import SamplerSettings
 from ddimctl.unet import UNet2DModel
 
@@ -130,6 +130,9 @@ def test_sampling_loops_never_read_tensors_back_to_the_host(unet, x):
         sample_ddim(den, x, plan)
         sample_ddim(den, x, plan, eta=1.0, generators=make_generators([0, 1]))
         sample_dpmpp_2m(den, x, plan)
+        for sampler in (sample_dpmpp_3m, sample_unipc, sample_ipndm):
+            sampler(den, x, plan)
+            sampler(den, x, SamplerSettings.from_config({"timestep_spacing": "logsnr"}).plan(6))  # fractional times
     assert reads == []
     with record_host_reads() as reads:  # the recorder does see such reads
         float(x.sum()), x[0, 0, 0, 0].item(), x[:1, 0, 0, 0].tolist(), bool(x.sum() > 0)
@@ -142,7 +145,8 @@ def test_the_engine_samples_on_the_meta_device_where_no_value_can_be_read(unet):
     meta = UNet2DModel.from_config(TINY_RGB).to("meta")
     settings = SamplerSettings.from_config({"clip_sample": True})
     for options in (SamplingOptions(steps=3), SamplingOptions(steps=3, sampler="dpm++2m"),
-                    SamplingOptions(steps=3, eta=1.0, channels_last=True)):
+                    SamplingOptions(steps=3, eta=1.0, channels_last=True), SamplingOptions(steps=4, sampler="dpm++3m"),
+                    SamplingOptions(steps=4, sampler="unipc"), SamplingOptions(steps=4, sampler="ipndm")):
         engine = Engine(meta, settings, options, (3, 8, 8), device=torch.device("meta"))
         x_T, x0 = engine.generate([0, 1])
         assert x0.device.type == "meta" and x0.shape == (2, 3, 8, 8) and x0.dtype == torch.float32

@@ -74,15 +74,20 @@ def test_quad_spacing_is_the_papers():
 
 
 def test_logsnr_spacing_is_uniform_in_logsnr():
+    """The S calls sit on the first S of S + 1 nodes uniform in log-SNR (the last node is replaced by the clean
+    end); select_timesteps gives the nearest training timesteps, make_plan the exact fractional ones."""
     s = vp_schedule()
     ts = select_timesteps(1000, 20, "logsnr", lambdas=s.lambdas())
     lam_all = s.lambdas()
-    targets = np.linspace(lam_all[-1], lam_all[0], 20)
-    assert ts[0] == 999 and ts[-1] == 0 and len(ts) == 20
+    targets = np.linspace(lam_all[-1], lam_all[0], 21)[:-1]
+    assert ts[0] == 999 and ts[-1] > 0 and len(ts) == 20
     # each chosen timestep is the integer one nearest its uniform log-SNR target
     for t, target in zip(ts, targets):
         gap = max(abs(lam_all[t] - lam_all[max(t - 1, 0)]), abs(lam_all[t] - lam_all[min(t + 1, 999)]))
         assert abs(lam_all[t] - target) <= gap / 2 + 1e-12
+    plan = make_plan(s, 20, "logsnr")
+    np.testing.assert_allclose(np.log(plan.a[:-1] / plan.b[:-1]), targets, atol=1e-9)
+    np.testing.assert_allclose(plan.timesteps, ts, atol=0.5)
 
 
 @pytest.mark.parametrize("steps", [0, 1001])

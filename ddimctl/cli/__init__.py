@@ -8,7 +8,7 @@ table (:mod:`.errors`). One module per command family: :mod:`.sample`, :mod:`.in
 
 from __future__ import annotations
 
-from . import sample, inverting, interpolate, edit, info, train  # noqa: F401,I001  (each registers its command, in this order)
+from . import sample, inverting, interpolate, edit, tune, info, train  # noqa: F401,I001  (each registers its command, in this order)
 from .app import app, main
 
 __all__ = ["app", "main"]

@@ -27,6 +27,30 @@ def load_engine(model: str, device: str, dtype: str, options: "SamplingOptions",
                        variant=variant, autoencoder=autoencoder, autoencoder_scaling_factor=autoencoder_scaling_factor)
 
 
+def schedule_steps(steps: int, schedule: Path | None) -> int:
+    """``--steps``, or the number of steps of the ``--schedule`` file when ``--steps`` was left at its default (a
+    ``--steps`` given that differs from the file's is refused when the engine loads the schedule)."""
+    if schedule is None or _given("steps"):
+        return steps
+    from ..tuning import read_schedule
+
+    return read_schedule(schedule).steps
+
+
+def _given(param: str) -> bool:
+    """Whether the running command's ``param`` came from the command line or the environment (not its default)."""
+    import importlib
+
+    import typer
+
+    package = typer.BadParameter.__module__.rsplit(".", 1)[0]  # click, or the click Typer vendors
+    ctx = importlib.import_module(package + ".globals").get_current_context(silent=True)
+    if ctx is None:
+        return True
+    source = ctx.get_parameter_source(param)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
 def plan_outputs(paths: list[Path], overwrite: bool, skip_existing: bool) -> list[bool]:
     """For each planned output, whether to produce it; refuses up front (before any work) to overwrite."""
     from ..fsutil import plan_output

@@ -10,12 +10,12 @@ import typer
 from .. import DEFAULT_MODEL
 from ..errors import NumericsError
 from .app import command
-from .common import finite_or_note, load_engine, plan_outputs, report_doc
+from .common import finite_or_note, load_engine, plan_outputs, report_doc, schedule_steps
 from .options import (
     AutoencoderOpt, AutoencoderScaleOpt, VariantOpt,
     DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, ClassLabelOpt, DeterministicOpt, DeviceOpt, DtypeOpt,
     GuidanceOpt, InversionOpt, JsonOpt,
-    ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SpacingOpt, StepsOpt,
+    ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, ScheduleOpt, SpacingOpt, StepsOpt,
 )
 from .output import Reporter
 
@@ -33,6 +33,7 @@ def interpolate(
     steps: StepsOpt = DEFAULT_STEPS,
     spacing: SpacingOpt = None,
     sampler: SamplerOpt = "ddim",
+    schedule: ScheduleOpt = None,
     inversion: InversionOpt = "exact",
     batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
     out: OutOpt = Path("interpolation"),
@@ -63,11 +64,13 @@ def interpolate(
 
     rep = Reporter(json_out, quiet)
     kinds = [end_kind(spec) for spec in (a, b)]
-    if spacing is None:  # decode with the plan a latent-file end was made with
+    if spacing is None and schedule is None:  # decode with the plan a latent-file end was made with
         spacing = next((read_metadata(spec).get("spacing") or None for spec, k in zip((a, b), kinds) if k == "latent"),
                        None)
-    options = SamplingOptions(steps=steps, sampler=sampler, spacing=spacing, inversion=inversion,
-                              inverting="image" in kinds, deterministic=deterministic, guidance_scale=guidance_scale)
+        spacing = None if spacing == "tuned" else spacing
+    options = SamplingOptions(steps=schedule_steps(steps, schedule), sampler=sampler, spacing=spacing,
+                              inversion=inversion, inverting="image" in kinds, deterministic=deterministic,
+                              guidance_scale=guidance_scale, schedule_file=None if schedule is None else str(schedule))
     engine = load_engine(model, device, dtype, options, False, rep,
                          variant=variant, autoencoder=autoencoder,
                          autoencoder_scaling_factor=autoencoder_scaling_factor)

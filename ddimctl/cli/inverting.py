@@ -11,12 +11,16 @@ import typer
 from .. import DEFAULT_MODEL
 from ..errors import NumericsError
 from .app import command
-from .common import finite_or_note, image_paths, load_engine, load_images, output_names, plan_batches, plan_outputs, report_doc
+from .common import (
+    finite_or_note, image_paths, load_engine, load_images, output_names, plan_batches, plan_outputs, report_doc,
+    schedule_steps,
+)
 from .options import (
     AutoencoderOpt, AutoencoderScaleOpt, VariantOpt,
     DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, ClassLabelOpt, DeterministicOpt, DeviceOpt, DtypeOpt, GuidanceOpt,
     InversionOpt, JsonOpt,
-    MaxIterOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SkipExistingOpt, SpacingOpt, StepsOpt, TolOpt,
+    MaxIterOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, ScheduleOpt, SkipExistingOpt, SpacingOpt,
+    StepsOpt, TolOpt,
 )
 from .output import Reporter
 
@@ -33,6 +37,7 @@ def invert(
     steps: StepsOpt = DEFAULT_STEPS,
     spacing: SpacingOpt = None,
     sampler: SamplerOpt = "ddim",
+    schedule: ScheduleOpt = None,
     inversion: InversionOpt = "exact",
     tol: TolOpt = 3e-3,
     max_iter: MaxIterOpt = 50,
@@ -53,9 +58,10 @@ def invert(
 
     rep = Reporter(json_out, quiet)
     job = _InversionJob(images, out, SUFFIX, rep)
-    engine = job.start(model, device, dtype, batch_size, overwrite, skip_existing, steps=steps, spacing=spacing,
+    engine = job.start(model, device, dtype, batch_size, overwrite, skip_existing,
+                       steps=schedule_steps(steps, schedule), spacing=spacing,
                        sampler=sampler, inversion=inversion, tol=tol, max_iter=max_iter, deterministic=deterministic,
-                       guidance_scale=guidance_scale, labels=class_label,
+                       guidance_scale=guidance_scale, labels=class_label, schedule=schedule,
                        loading=dict(variant=variant, autoencoder=autoencoder,
                                     autoencoder_scaling_factor=autoencoder_scaling_factor))
     with rep.progress("inverting", job.computed * len(engine.plan)) as bar:
@@ -82,6 +88,7 @@ def reconstruct(
     steps: StepsOpt = DEFAULT_STEPS,
     spacing: SpacingOpt = None,
     sampler: SamplerOpt = "ddim",
+    schedule: ScheduleOpt = None,
     inversion: InversionOpt = "exact",
     tol: TolOpt = 3e-3,
     max_iter: MaxIterOpt = 50,
@@ -103,9 +110,10 @@ def reconstruct(
     rep = Reporter(json_out, quiet)
     job = _InversionJob(images, out, ".png", rep)
     compares = [out / f"{p.stem}.compare.png" for p in job.paths]
-    engine = job.start(model, device, dtype, batch_size, overwrite, skip_existing, steps=steps, spacing=spacing,
+    engine = job.start(model, device, dtype, batch_size, overwrite, skip_existing,
+                       steps=schedule_steps(steps, schedule), spacing=spacing,
                        sampler=sampler, inversion=inversion, tol=tol, max_iter=max_iter, deterministic=deterministic,
-                       guidance_scale=guidance_scale, labels=class_label,
+                       guidance_scale=guidance_scale, labels=class_label, schedule=schedule,
                        loading=dict(variant=variant, autoencoder=autoencoder,
                                     autoencoder_scaling_factor=autoencoder_scaling_factor))
     plan_outputs([compares[i] for i in job.work], overwrite, False)
@@ -144,12 +152,13 @@ class _InversionJob:
         self.failed: list[str] = []
 
     def start(self, model: str, device: str, dtype: str, batch_size: int, overwrite: bool, skip_existing: bool,
-              labels: str | None = None, loading: dict | None = None, **options: Any):
+              labels: str | None = None, loading: dict | None = None, schedule: Path | None = None, **options: Any):
         """Build the engine and plan the outputs, refusing whatever cannot be done before any work."""
         from ..fsutil import check_writable_dir
         from ..pipeline import SamplingOptions, labels_for, parse_class_labels
 
-        self.options = SamplingOptions(**options, inverting=True)
+        self.options = SamplingOptions(**options, inverting=True,
+                                       schedule_file=None if schedule is None else str(schedule))
         self.engine = load_engine(model, device, dtype, self.options, False, self.rep, **(loading or {}))
         self.engine.check_invertible()
         self.labels = labels_for(parse_class_labels(labels) if labels is not None else None, len(self.paths), labels)

@@ -30,12 +30,26 @@ SpacingOpt = Annotated[
     typer.Option(
         "--spacing",
         help="Timestep spacing: leading, trailing, linspace, quad, logsnr. Default: the checkpoint's "
-        "(logsnr for dpm++2m; logsnr on DDPM models when inverting; a latent file's own when decoding one).",
+        "(logsnr for every sampler but ddim and bdia on DDPM models; logsnr on DDPM models when inverting; a latent "
+        "file's own when decoding one).",
         show_default=False,
     ),
 ]
-SamplerOpt = Annotated[str, typer.Option("--sampler", help="Sampler: ddim, dpm++2m (second order, deterministic) "
-                                           "or bdia (exactly invertible, latent = the pair x_T, x_T-1).")]
+SamplerOpt = Annotated[
+    str,
+    typer.Option("--sampler", help="Sampler: ddim; bdia (exactly invertible, latent = the pair x_T, x_T-1); or "
+                 "deterministic multistep: dpm++2m, dpm++3m, unipc (DPM-Solver++ 2M with the UniC corrector), ipndm "
+                 "(4th-order Adams-Bashforth)."),
+]
+ScheduleOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--schedule",
+        help="A schedule file from `ddimctl tune`: call the model at its tuned noise levels (it sets --steps, and "
+        "is refused for another model or sampler).",
+        show_default=False,
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32), float32, float16 or bfloat16.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per model call.")]

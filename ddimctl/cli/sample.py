@@ -10,12 +10,12 @@ import typer
 from .. import DEFAULT_MODEL
 from ..errors import DdimctlError, NumericsError
 from .app import command
-from .common import finite_or_note, load_engine, plan_batches, plan_outputs, report_doc
+from .common import finite_or_note, load_engine, plan_batches, plan_outputs, report_doc, schedule_steps
 from .options import (
     AutoencoderOpt, AutoencoderScaleOpt, VariantOpt,
     DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, ChannelsLastOpt, ClassLabelOpt, ClipOpt, CompileOpt,
     DeterministicOpt, GuidanceOpt,
-    DeviceOpt, DtypeOpt, EtaOpt, JsonOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, SeedOpt,
+    DeviceOpt, DtypeOpt, EtaOpt, JsonOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, ScheduleOpt, SeedOpt,
     SkipExistingOpt, SpacingOpt, StepsOpt,
 )
 from .output import Reporter
@@ -32,6 +32,7 @@ def sample(
     eta: EtaOpt = 0.0,
     spacing: SpacingOpt = None,
     sampler: SamplerOpt = "ddim",
+    schedule: ScheduleOpt = None,
     clip_sample: ClipOpt = None,
     seed: SeedOpt = 0,
     class_label: ClassLabelOpt = None,
@@ -67,11 +68,12 @@ def sample(
 
         x_given, x_prev, meta = load_latent_pair(latents)
         n = x_given.shape[0]
-        if spacing is None and meta.get("spacing"):
+        if spacing is None and schedule is None and meta.get("spacing") not in (None, "", "tuned"):
             spacing = meta["spacing"]  # decode with the plan the latents were made with
             rep.note(f"{latents}: spacing {spacing}, as recorded in the file")
-    options = SamplingOptions(steps=steps, eta=eta, sampler=sampler, spacing=spacing, clip_sample=clip_sample,
-                              channels_last=channels_last, deterministic=deterministic, guidance_scale=guidance_scale)
+    options = SamplingOptions(steps=schedule_steps(steps, schedule), eta=eta, sampler=sampler, spacing=spacing,
+                              clip_sample=clip_sample, channels_last=channels_last, deterministic=deterministic,
+                              guidance_scale=guidance_scale, schedule_file=None if schedule is None else str(schedule))
     engine = load_engine(model, device, dtype, options, compile_model, rep,
                          variant=variant, autoencoder=autoencoder,
                          autoencoder_scaling_factor=autoencoder_scaling_factor)

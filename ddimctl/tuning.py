@@ -1,0 +1,584 @@
+"""Per-model tuned sampling schedules: learn the S noise levels at which a sampler calls the model.
+
+LD3's recipe (Tong et al. 2024, arXiv 2405.15506): draw K seeded noises, sample each with many model calls (the
+reference, e.g. UniPC with 200 calls), then learn the S levels that make the S-call sampler land closest to the
+reference, by gradient descent *through the sampler* on the log-SNR of the levels. The levels are parameterized
+so that they stay ordered and inside the model's training range: with ``w = softmax(theta)`` (S weights),
+
+    lambda_k = lambda_lo + (lambda_hi - lambda_lo) * (w_0 + ... + w_(k-1)),   k = 1 .. S-1
+
+between the least noisy training level lambda_hi and lambda_lo (the start, or the first finite level when the
+start is pure noise); the first call stays at the start and the last step goes to the clean end, as every other
+plan. ``theta = 0`` is exactly the ``logsnr`` spacing. Model times follow the levels through the schedule
+(:class:`LevelMap`, differentiable), so the model is called where its input's noise level is.
+
+A tuned schedule is saved as a small JSON file (:func:`save_schedule`) that names the model and revision, the
+sampler, S, the levels and the errors measured on the training noises and on held-out ones;
+:func:`load_schedule` refuses a file tuned for another model, sampler or noise schedule.
+
+    ref = reference_samples(denoise, schedule, noises)                       # (K, ...) x0 with 200 calls
+    plan = tune_plan(denoise, schedule, 10, "unipc", noises, reference=ref)  # a SamplingPlan with 10 calls
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import InputError, SettingError, first_line
+from .sampler import SAMPLE_FUNCTIONS, SAMPLERS, Denoise, sample
+from .schedule import SamplingPlan, Schedule, make_plan, plan_from_lambdas, shift_sigma
+
+FORMAT = "ddimctl-schedule"
+FORMAT_VERSION = 1
+#: The sampler and number of calls of the reference that tuning matches by default (a third-order sampler on
+#: log-SNR steps; 200 calls is far more accurate than anything tuned at <= 20 calls, benchmarks/samplers.py).
+REFERENCE_SAMPLER, REFERENCE_STEPS = "unipc", 200
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Levels <-> model times, differentiable
+
+
+class LevelMap:
+    """Differentiable maps between log-SNR lambda, model time t and the levels (a, b) of a schedule, matching
+    :meth:`Schedule.ab` and :meth:`Schedule.time_of_lambda` (float64 tensors in, float64 tensors out).
+
+    VP: ``a^2 = sigmoid(2 lambda)``, ``b^2 = sigmoid(-2 lambda)``, and ``log a`` is piecewise linear in t between
+    the training timesteps. Flow: ``sigma = sigmoid(-lambda)``, ``(a, b) = (1 - sigma, sigma)``, ``t = sigma T``.
+    """
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+        self.T = schedule.num_train_timesteps
+        if schedule.kind == "vp":
+            with np.errstate(divide="ignore"):
+                self.log_a = torch.as_tensor(0.5 * np.log(schedule.alphas_cumprod), dtype=torch.float64)  # (T,) decreasing
+
+    def ab_of_lambda(self, lam: Tensor) -> tuple[Tensor, Tensor]:
+        if self.schedule.kind == "vp":
+            return torch.sqrt(torch.sigmoid(2 * lam)), torch.sqrt(torch.sigmoid(-2 * lam))
+        sigma = torch.sigmoid(-lam)
+        return 1 - sigma, sigma
+
+    def time_of_lambda(self, lam: Tensor) -> Tensor:
+        if self.schedule.kind == "flow":
+            return torch.sigmoid(-lam) * self.T
+        log_a = -0.5 * torch.nn.functional.softplus(-2 * lam)
+        table = self.log_a.to(lam.device)
+        # segment i with table[i] >= log_a >= table[i + 1] (the table decreases in t)
+        i = torch.searchsorted(-table, -log_a.detach()).clamp(1, self.T - 1) - 1
+        lo, hi = table[i], table[i + 1]
+        return i.to(lam.dtype) + (log_a - lo) / (hi - lo)
+
+    def ab_of_time(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(a, b) at model times t (VP: log a interpolated linearly between training timesteps)."""
+        if self.schedule.kind == "flow":
+            s = t / self.T
+            return 1 - s, s
+        table = self.log_a.to(t.device)
+        i = t.detach().floor().long().clamp(0, self.T - 2)
+        w = t - i.to(t.dtype)
+        log_a = (1 - w) * table[i] + w * table[i + 1]
+        return torch.exp(log_a), torch.sqrt(-torch.expm1(2 * log_a))
+
+
+def lambda_bounds(schedule: Schedule) -> tuple[float, float, float]:
+    """(start, lo, hi): the log-SNR of the first call (-inf at pure noise), the lowest a tuned call may take
+    (the start, or the first finite training level after pure noise) and the least noisy training level."""
+    T = schedule.num_train_timesteps
+    if schedule.kind == "vp":
+        lam = schedule.lambdas()
+        finite = lam[np.isfinite(lam)]
+        return float(lam[-1]), float(finite.min()), float(finite.max())
+    _, hi = schedule.lambda_range()
+    s_lo = shift_sigma((T - 1) / T, schedule.shift)
+    return -math.inf, math.log1p(-s_lo) - math.log(s_lo), hi
+
+
+def plan_lambdas(plan: SamplingPlan) -> np.ndarray:
+    """log(a / b) of a plan's S call levels (float64, (S,); -inf at pure noise)."""
+    a, b = np.asarray(plan.a[:-1], np.float64), np.asarray(plan.b[:-1], np.float64)
+    with np.errstate(divide="ignore"):
+        return np.log(a) - np.log(b)
+
+
+class PlanParameters:
+    """The S noise levels of a plan as ``theta`` (S unconstrained values; see the module notes) and the
+    differentiable map ``theta -> SamplingPlan`` whose levels and times are tensors that carry gradients."""
+
+    def __init__(self, schedule: Schedule, steps: int):
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.schedule, self.steps = schedule, steps
+        self.start, self.lo, self.hi = lambda_bounds(schedule)
+        self.map = LevelMap(schedule)
+        if schedule.kind == "vp":
+            self.end = (math.sqrt(schedule.final_alpha_cumprod), math.sqrt(1.0 - schedule.final_alpha_cumprod))
+        else:
+            self.end = (1.0, 0.0)
+
+    def theta_from_lambdas(self, lambdas: Sequence[float]) -> Tensor:
+        """theta that reproduces the call levels ``lambdas`` ((S,), increasing; the first is the start)."""
+        lam = np.asarray(lambdas, np.float64)
+        if len(lam) != self.steps:
+            raise ValueError(f"expected {self.steps} levels, got {len(lam)}")
+        span = self.hi - self.lo
+        inner = np.clip(lam[1:], self.lo, self.hi)
+        gaps = np.diff(np.concatenate([[self.lo], inner, [self.hi]]))  # (S,)
+        return torch.as_tensor(np.log(np.maximum(gaps, 1e-4 * span)), dtype=torch.float64)
+
+    def lambdas(self, theta: Tensor) -> Tensor:
+        """The S call levels' log-SNR (the first fixed at the start)."""
+        w = torch.softmax(theta, dim=0)
+        inner = self.lo + (self.hi - self.lo) * torch.cumsum(w, dim=0)[:-1]  # (S-1,)
+        start = torch.full((1,), self.start, dtype=torch.float64, device=theta.device)
+        return torch.cat([start, inner])
+
+    def plan(self, theta: Tensor) -> SamplingPlan:
+        """The plan of ``theta``: a, b (S+1,) and timesteps (S,) as float64 tensors carrying theta's gradient."""
+        lam = self.lambdas(theta)
+        t_inner = self.map.time_of_lambda(lam[1:])
+        t_inner = t_inner.clamp(0.0, float(self.schedule.num_train_timesteps - (1 if self.schedule.kind == "vp" else 0)))
+        a_inner, b_inner = self.map.ab_of_time(t_inner)
+        t0 = float(self.schedule.num_train_timesteps - 1 if self.schedule.kind == "vp" else self.schedule.num_train_timesteps)
+        a0, b0 = self.schedule.ab(t0)
+        one = lambda v: torch.tensor([v], dtype=torch.float64, device=theta.device)  # noqa: E731
+        ts = torch.cat([one(t0), t_inner])
+        a = torch.cat([one(a0), a_inner, one(self.end[0])])
+        b = torch.cat([one(b0), b_inner, one(self.end[1])])
+        return SamplingPlan(ts, a, b)
+
+
+def detach_plan(plan: SamplingPlan) -> SamplingPlan:
+    """A plan of float64 numpy arrays (what sampling uses outside tuning)."""
+    conv = lambda v: v.detach().cpu().numpy().astype(np.float64) if torch.is_tensor(v) else np.asarray(v, np.float64)  # noqa: E731
+    return SamplingPlan(conv(plan.timesteps), conv(plan.a), conv(plan.b))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference samples and errors
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def reference_samples(
+    denoise: Denoise,
+    schedule: Schedule,
+    noises: Tensor,
+    sampler: str = REFERENCE_SAMPLER,
+    steps: int = REFERENCE_STEPS,
+    batch_size: int = 64,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> Tensor:
+    """The x0 of each noise (K, ...) sampled with ``steps`` calls of ``sampler`` on ``logsnr`` steps."""
+    plan = make_plan(schedule, steps, "logsnr")
+    return torch.cat([sample(denoise, noises[sl], plan, sampler, callback=callback) for sl in _batches(len(noises), batch_size)])
+
+
+@torch.no_grad()
+def plan_error(denoise: Denoise, plan: SamplingPlan, sampler: str, noises: Tensor, reference: Tensor,
+               batch_size: int = 64) -> float:
+    """RMS difference between the samples of ``plan`` from ``noises`` and ``reference`` (all values)."""
+    total, count = 0.0, 0
+    for sl in _batches(len(noises), batch_size):
+        x0 = sample(denoise, noises[sl], plan, sampler)
+        total += float((x0.double() - reference[sl].to(x0.device).double()).pow(2).sum())
+        count += x0.numel()
+    return math.sqrt(total / count)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GITS: the best S of the reference's steps by dynamic programming (no gradient, no extra model call)
+
+
+@dataclass
+class Reference:
+    """Reference samples and the trajectory that produced them: ``x0`` (K, ...); ``plan``: the fine plan (N
+    calls); ``points[i]``, ``x0s[i]``: where call i was made and its data prediction (K, ...) each."""
+
+    x0: Tensor
+    plan: SamplingPlan
+    points: list[Tensor] = field(default_factory=list)
+    x0s: list[Tensor] = field(default_factory=list)
+
+
+@torch.no_grad()
+def reference_trajectory(
+    denoise: Denoise,
+    schedule: Schedule,
+    noises: Tensor,
+    sampler: str = REFERENCE_SAMPLER,
+    steps: int = REFERENCE_STEPS,
+    batch_size: int = 64,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> Reference:
+    """:func:`reference_samples` that also keeps every call's point and data prediction (for :func:`gits_lambdas`)."""
+    plan = make_plan(schedule, steps, "logsnr")
+    outs, points, x0s = [], [[] for _ in range(steps)], [[] for _ in range(steps)]
+    for sl in _batches(len(noises), batch_size):
+        seen: list[Tensor] = [noises[sl]]
+
+        def keep(info: dict[str, Any]) -> None:
+            k = info["step"] - 1
+            points[k].append(seen[-1])  # the point the model was called at (the previous step's result)
+            x0s[k].append(info["x0"])
+            seen.append(info["x"])
+            if callback is not None:
+                callback(info)
+
+        outs.append(sample(denoise, noises[sl], plan, sampler, callback=keep))
+    return Reference(torch.cat(outs), plan, [torch.cat(p) for p in points], [torch.cat(p) for p in x0s])
+
+
+def gits_lambdas(ref: Reference, steps: int, discount: float = 1.0) -> np.ndarray:
+    """GITS (Chen et al. 2024, arXiv 2405.11326): choose S of the reference's N call levels by dynamic programming
+    over the costs of :func:`gits_costs`: the path of S jumps from call 0 to the clean end with the least summed
+    cost, the k-th jump's cost (from 0) weighted by ``discount ** k`` (GITS' ``coeff``).
+    Returns the S levels' log-SNR (the first is the start)."""
+    N = len(ref.plan)
+    if not 1 <= steps <= N:
+        raise ValueError(f"steps must be between 1 and the reference's {N} calls, got {steps}")
+    return plan_lambdas(ref.plan)[cheapest_path(gits_costs(ref), steps, discount)[:-1]]
+
+
+def gits_costs(ref: Reference) -> np.ndarray:
+    """(N + 1, N + 1) costs: ``cost[i, j]`` (i < j) is the distance between the first-order (DDIM) step from the
+    reference's point i to level j and the reference's point at j (the clean end for j = N), averaged over the
+    noises; inf elsewhere.
+
+    It is measured in x itself, not in x / a as GITS does in EDM's coordinates: an error in x made at a noisy
+    level passes on to the sample about unchanged, while x / a weighs it by 1 / a (on the built-in mnist that put
+    every call of 5 above sigma = 1.8).
+    """
+    plan, N = ref.plan, len(ref.plan)
+    a, b = np.asarray(plan.a, np.float64), np.asarray(plan.b, np.float64)
+    targets = ref.points[1:] + [ref.x0]  # the reference at levels 1 .. N
+    cost = np.full((N + 1, N + 1), np.inf)
+    for i in range(N):
+        x, x0 = ref.points[i].double(), ref.x0s[i].double()
+        eps = (x - a[i] * x0) / b[i]
+        for j in range(i + 1, N + 1):
+            jump = a[j] * x0 + b[j] * eps  # the DDIM step i -> j
+            cost[i, j] = float((jump - targets[j - 1].double()).flatten(1).norm(dim=1).mean())
+    return cost
+
+
+def cheapest_path(cost: np.ndarray, steps: int, discount: float = 1.0) -> list[int]:
+    """The nodes 0 = i_0 < i_1 < ... < i_S = N (N + 1 = len(cost)) minimizing sum_k discount^k cost[i_k, i_(k+1)]."""
+    N = len(cost) - 1
+    V = np.full((N + 1, steps + 1), np.inf)  # V[i, k]: the least cost from node i to N in k jumps
+    nxt = np.zeros((N + 1, steps + 1), dtype=np.int64)
+    V[N, 0] = 0.0
+    for k in range(1, steps + 1):
+        for i in range(N):
+            c = cost[i, i + 1 :] + discount * V[i + 1 :, k - 1]
+            j = int(np.argmin(c))
+            V[i, k], nxt[i, k] = c[j], i + 1 + j
+    path = [0]
+    for k in range(steps, 0, -1):
+        path.append(int(nxt[path[-1], k]))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tuning
+
+
+@dataclass
+class TuneReport:
+    """What :func:`tune_plan` did: the training RMS error of the initial plan and of the best one, the error per
+    gradient iteration (of the plan before that iteration's update) and the model calls spent (a forward with
+    its backward counts as one; the reference's calls are not counted)."""
+
+    initial_error: float = math.nan
+    best_error: float = math.nan
+    best_iteration: int = -1
+    losses: list[float] = field(default_factory=list)
+    model_calls: int = 0
+
+
+METHODS = ("ld3", "gits")
+
+
+def tune_plan(
+    denoise: Denoise,
+    schedule: Schedule,
+    steps: int,
+    sampler: str,
+    noises: Tensor,
+    reference: Reference | Tensor | None = None,
+    method: str = "ld3",
+    init: SamplingPlan | str | None = None,
+    iterations: int = 20,
+    lr: float = 0.05,
+    batch_size: int = 64,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    report: TuneReport | None = None,
+) -> SamplingPlan:
+    """Learn the S = ``steps`` noise levels at which ``sampler`` should call ``denoise`` so that the samples of
+    ``noises`` (K, ...) land on the reference; returns the plan (float64 arrays).
+
+    ``reference``: a :class:`Reference` (samples and trajectory, :func:`reference_trajectory`), or the reference
+    samples alone (K, ...); by default the trajectory of :data:`REFERENCE_SAMPLER` with :data:`REFERENCE_STEPS`
+    calls is computed here. ``method``:
+
+    * ``"gits"``: the best S of the reference's steps for first-order jumps (:func:`gits_lambdas`; needs the
+      trajectory): no gradient and no model call beyond the reference's;
+    * ``"ld3"``: Adam on theta (module notes) for ``iterations`` steps of learning rate ``lr``, the loss being the
+      mean squared error over all values, its gradient taken through the S-call sampler (model times included);
+      from ``init`` (a spacing name or a plan; default the GITS plan when the trajectory is known, else ``logsnr``).
+      The plan with the lowest training error seen is returned, the initial one included.
+
+    ``batch_size``: noises per forward/backward (gradients are summed over all K each iteration). ``callback``
+    gets ``phase`` ("reference" or "tuning"), ``step`` and ``total``, and ``error`` while tuning. Freeze the
+    model's own parameters (``model.requires_grad_(False)``) to spare their gradients.
+    """
+    if sampler not in SAMPLE_FUNCTIONS:
+        raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
+    if method not in METHODS:
+        raise ValueError(f"unknown tuning method {method!r} (expected one of {', '.join(METHODS)})")
+    report = report if report is not None else TuneReport()
+    if reference is None:
+        progress = None if callback is None else (lambda info: callback({**info, "phase": "reference"}))
+        reference = reference_trajectory(denoise, schedule, noises, batch_size=batch_size, callback=progress)
+    ref_x0 = reference.x0 if isinstance(reference, Reference) else reference
+    has_trajectory = isinstance(reference, Reference) and len(reference.points) > 0
+    if method == "gits" or (init is None and has_trajectory):
+        if not has_trajectory:
+            raise ValueError("GITS needs the reference's trajectory (a Reference from reference_trajectory)")
+        gits = plan_from_lambdas(schedule, gits_lambdas(reference, steps))
+        if method == "gits":
+            report.initial_error = report.best_error = plan_error(denoise, gits, sampler, noises, ref_x0, batch_size)
+            return gits
+        init = gits
+    init_plan = make_plan(schedule, steps, init or "logsnr") if isinstance(init, (str, type(None))) else init
+    if len(init_plan) != steps:
+        raise ValueError(f"the initial plan has {len(init_plan)} calls, not {steps}")
+    params = PlanParameters(schedule, steps)
+    best_plan = detach_plan(init_plan)
+    report.initial_error = report.best_error = plan_error(denoise, best_plan, sampler, noises, ref_x0, batch_size)
+    if steps == 1:  # nothing to tune: one call at the start, one step to the clean end
+        return best_plan
+    theta = params.theta_from_lambdas(plan_lambdas(init_plan)).to(noises.device).requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=lr)
+    n_values = noises.numel()
+    for it in range(iterations):
+        opt.zero_grad()
+        total = 0.0
+        for sl in _batches(len(noises), batch_size):
+            plan = params.plan(theta)  # rebuilt per batch (cheap), so each backward frees its whole graph
+            x0 = sample(denoise, noises[sl], plan, sampler)
+            loss = (x0.double() - ref_x0[sl].to(x0.device).double()).pow(2).sum() / n_values
+            loss.backward()
+            total += float(loss.detach())
+            report.model_calls += steps
+        error = math.sqrt(total)  # the training error of the plan before this update
+        report.losses.append(error)
+        if error < report.best_error:
+            report.best_error, report.best_iteration = error, it
+            best_plan = detach_plan(plan)
+        opt.step()
+        if callback is not None:
+            callback({"phase": "tuning", "step": it + 1, "total": iterations, "error": error})
+    return best_plan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tuning a loaded model (what ``ddimctl tune`` runs)
+
+
+def model_identity(source: Any) -> tuple[str | None, str | None]:
+    """(reference, revision) of the weights an engine runs: the Hub commit for Hub models, else
+    ``sha256:<hex>`` of the weights file (so retrained built-in or local weights are told apart)."""
+    if source is None:
+        return None, None
+    revision = getattr(source, "revision", None)
+    weights = getattr(source, "weights", None)
+    if not revision and weights is not None:
+        from .checkpoint import sha256_file
+
+        revision = "sha256:" + sha256_file(Path(weights))
+    return getattr(source, "ref", None), revision
+
+
+def tune_engine(
+    engine: Any,
+    seeds: Sequence[int],
+    heldout_seeds: Sequence[int],
+    method: str = "ld3",
+    iterations: int = 20,
+    reference_steps: int = REFERENCE_STEPS,
+    batch_size: int = 64,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> "TunedSchedule":
+    """Tune ``engine.plan``'s levels for ``engine.options.sampler`` with ``engine.options.steps`` calls on the noises
+    of ``seeds`` (each seed's x_T, as ``Engine.generate`` draws it), then measure the tuned and the untuned plan
+    (``engine.plan``, the engine's spacing) against the reference on those and on ``heldout_seeds``.
+
+    ``callback`` gets ``phase`` ("reference", "tuning", "held-out"), ``step`` and ``total``. The model's
+    parameters are frozen while tuning and restored after.
+    """
+    sampler, steps = engine.options.sampler, engine.options.steps
+    schedule = engine.settings.schedule()
+    denoise = engine.denoiser
+    model = engine.model
+    frozen = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else []
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        noises = engine.noise(list(seeds))
+        ref = reference_trajectory(denoise, schedule, noises, REFERENCE_SAMPLER, reference_steps, batch_size,
+                                   callback=_phase(callback, "reference"))
+        report = TuneReport()
+        plan = tune_plan(denoise, schedule, steps, sampler, noises, ref, method=method, iterations=iterations,
+                         batch_size=batch_size, callback=callback, report=report)
+        errors = {"train": {"tuned": plan_error(denoise, plan, sampler, noises, ref.x0, batch_size),
+                            "untuned": plan_error(denoise, engine.plan, sampler, noises, ref.x0, batch_size)}}
+        if len(heldout_seeds):
+            held = engine.noise(list(heldout_seeds))
+            held_ref = reference_samples(denoise, schedule, held, REFERENCE_SAMPLER, reference_steps, batch_size,
+                                         callback=_phase(callback, "held-out"))
+            errors["heldout"] = {"tuned": plan_error(denoise, plan, sampler, held, held_ref, batch_size),
+                                 "untuned": plan_error(denoise, engine.plan, sampler, held, held_ref, batch_size)}
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    ref_name, revision = model_identity(engine.source)
+    tuning = {
+        "method": method, "iterations": iterations if method == "ld3" else 0,
+        "reference": {"sampler": REFERENCE_SAMPLER, "steps": reference_steps, "spacing": "logsnr"},
+        "untuned_spacing": engine.spacing, "seeds": list(seeds), "heldout_seeds": list(heldout_seeds),
+        "initial_error": report.initial_error, "losses": report.losses,
+    }
+    return TunedSchedule.from_plan(plan, ref_name or "", revision, sampler, engine.settings.kind,
+                                   engine.settings.prediction_type, errors=errors, tuning=tuning)
+
+
+def _phase(callback, phase: str):
+    if callback is None:
+        return None
+    return lambda info: callback({**info, "phase": phase})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule files
+
+
+@dataclass
+class TunedSchedule:
+    """The content of a schedule file. ``timesteps`` (S model times), ``a``, ``b`` (S + 1 levels, the last the
+    clean end); ``errors``: RMS against the reference on the training and held-out noises, tuned and untuned
+    (``{"train": {"tuned": .., "untuned": ..}, "heldout": {...}}``); ``tuning``: how it was made."""
+
+    model: str
+    model_revision: str
+    sampler: str
+    steps: int
+    kind: str
+    prediction_type: str
+    timesteps: list[float]
+    a: list[float]
+    b: list[float]
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    tuning: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_plan(cls, plan: SamplingPlan, model: str, model_revision: str | None, sampler: str, kind: str,
+                  prediction_type: str, **extra: Any) -> "TunedSchedule":
+        plan = detach_plan(plan)
+        return cls(model, model_revision or "", sampler, len(plan), kind, prediction_type,
+                   [float(v) for v in plan.timesteps], [float(v) for v in plan.a], [float(v) for v in plan.b], **extra)
+
+    def plan(self) -> SamplingPlan:
+        return SamplingPlan(np.asarray(self.timesteps, np.float64), np.asarray(self.a, np.float64),
+                            np.asarray(self.b, np.float64))
+
+
+def save_schedule(path: str | os.PathLike, schedule: TunedSchedule) -> Path:
+    """Write ``schedule`` as JSON (atomically), with the format name and the package version."""
+    from . import __version__
+    from .fsutil import write_bytes_atomic
+
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "ddimctl_version": __version__, **asdict(schedule)}
+    return write_bytes_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def read_schedule(path: str | os.PathLike) -> TunedSchedule:
+    """Read a schedule file; a file that is not one is a one-line :class:`InputError`."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except OSError as e:
+        raise InputError(f"{p}: cannot read the schedule ({first_line(e)})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{p}: not a ddimctl schedule file (not JSON: {first_line(e)})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise InputError(f"{p}: not a ddimctl schedule file (no \"format\": \"{FORMAT}\")")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{p}: schedule format version {doc.get('format_version')} is not supported")
+    names = {f for f in TunedSchedule.__dataclass_fields__}
+    try:
+        sched = TunedSchedule(**{k: v for k, v in doc.items() if k in names})
+        plan = sched.plan()
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{p}: malformed schedule file ({first_line(e)})") from None
+    S = sched.steps
+    if not (len(plan.timesteps) == S and len(plan.a) == len(plan.b) == S + 1 and S >= 1):
+        raise InputError(f"{p}: malformed schedule file (expected {S} timesteps and {S + 1} levels)")
+    if not (np.all(np.isfinite(plan.timesteps)) and np.all(np.isfinite(plan.a)) and np.all(np.isfinite(plan.b))):
+        raise InputError(f"{p}: malformed schedule file (non-finite levels)")
+    return sched
+
+
+def load_schedule(
+    path: str | os.PathLike,
+    model_ref: str | None,
+    revision: str | None,
+    sampler: str,
+    steps: int | None = None,
+    schedule: Schedule | None = None,
+) -> SamplingPlan:
+    """The plan of a schedule file, refused (one-line :class:`SettingError` on ``schedule``) when it was tuned for
+    other weights (``revision``, see :func:`model_identity`; by ``model_ref`` where a revision is missing), another sampler, another number of steps (when ``steps`` is given) or
+    another noise schedule (when ``schedule`` is given: the file's levels must be the schedule's at its times)."""
+    sched = read_schedule(path)
+    field_ = ("schedule", str(path))
+    if revision and sched.model_revision:
+        if sched.model_revision != revision:
+            raise SettingError(field_, f"tuned for model {sched.model} ({_short(sched.model_revision)}), not "
+                                       f"{model_ref} ({_short(revision)})")
+    elif model_ref is not None and sched.model != model_ref:
+        raise SettingError(field_, f"tuned for model {sched.model}, not {model_ref}")
+    if sched.sampler != sampler:
+        raise SettingError(field_, f"tuned for sampler {sched.sampler}, not {sampler}")
+    if steps is not None and sched.steps != steps:
+        raise SettingError(field_, f"tuned for {sched.steps} steps, not {steps}")
+    plan = sched.plan()
+    if schedule is not None:
+        if schedule.kind != sched.kind:
+            raise SettingError(field_, f"tuned for a {sched.kind} model, not a {schedule.kind} one")
+        try:
+            expected = [schedule.ab(float(t)) for t in plan.timesteps]
+        except ValueError as e:
+            raise SettingError(field_, f"does not fit this model's noise schedule ({first_line(e)})") from None
+        got = list(zip(plan.a[:-1], plan.b[:-1]))
+        if any(abs(ea - ga) > 1e-6 or abs(eb - gb) > 1e-6 for (ea, eb), (ga, gb) in zip(expected, got)):
+            raise SettingError(field_, "its levels are not this model's noise schedule at its timesteps")
+    return plan
+
+
+def _short(revision: str) -> str:
+    kind, _, digest = revision.rpartition(":")
+    return f"{kind + ':' if kind else ''}{digest[:12]}"
