@@ -572,15 +572,16 @@ def _solve(evaluate, target, guess, coeff, active, *, tol_res, tol_change, max_i
                                      dF.transpose(1, 2) @ f.unsqueeze(2))  # (B, m, 1)
             g = g - (dG @ gam).squeeze(2)
         x_new = g.to(x.dtype).view_as(x)
-        # safeguard: where the last iterate is twice as far off as the best (Anderson may go up a little on its
-        # way down; resetting it at every rise stalls it), restart from the best with a frozen-model step, halved at each further failure (backtracking: repeating the same step from the same point would
-        # cycle), and a fresh Anderson history; a success doubles the step back towards the full one
-        worse = act & (res > 2 * best_res) & torch.isfinite(best_res)
-        damp = torch.where(worse, damp * 0.5, torch.where(better, (damp * 2).clamp(max=1.0), damp))
+        # safeguard: where the last iterate is no better than the best, restart from the best with a frozen-model
+        # step, halved at each further failure (backtracking: repeating the same step from the same point would
+        # cycle), and a fresh Anderson history; a success restores the full step
+        worse = act & ~better & torch.isfinite(best_res)
+        damp = torch.where(better, torch.ones_like(damp), damp)
         if bool(worse.any()):
             plain = best_x + _bcast(damp, best_x).to(best_x.dtype) * (target - best_to) / coeff
             x_new = torch.where(_bcast(worse, x_new), plain.to(x.dtype), x_new)
             hist_from = torch.where(worse, torch.full_like(hist_from, len(fs)), hist_from)
+        damp = torch.where(worse, damp * 0.5, damp)
         # Newton-Krylov where the frozen-model iteration stalls
         if krylov and len(res_hist) >= 4:
             stalled = act & (res > 0.5 * res_hist[-4]) & (kry_count < 2) & (iters + krylov_dim < max_iter)
