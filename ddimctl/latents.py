@@ -106,6 +106,13 @@ def load_latent_pair(path: str | os.PathLike) -> tuple[Tensor, Tensor | None, di
     return x, x_prev, meta
 
 
+def recorded_spacing(meta: Mapping[str, str]) -> str | None:
+    """The spacing a latent file was made with, to decode it with the same plan; None when it records none or a
+    tuned schedule (whose levels only its schedule file holds)."""
+    spacing = meta.get("spacing") or None
+    return None if spacing == "tuned" else spacing
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """A latent file's metadata, from its header alone (no tensor is read); one-line errors as :func:`load_latents`."""
     from safetensors import SafetensorError, safe_open

@@ -58,16 +58,15 @@ def interpolate(
 
     from ..fsutil import check_writable_dir
     from ..images import make_grid, save_gif, save_png
-    from ..latents import read_metadata
+    from ..latents import read_metadata, recorded_spacing
     from ..pipeline import SamplingOptions, batches, end_kind, labels_for, parse_class_labels, parse_end
     from ..sampler import slerp
 
     rep = Reporter(json_out, quiet)
     kinds = [end_kind(spec) for spec in (a, b)]
     if spacing is None and schedule is None:  # decode with the plan a latent-file end was made with
-        spacing = next((read_metadata(spec).get("spacing") or None for spec, k in zip((a, b), kinds) if k == "latent"),
+        spacing = next((recorded_spacing(read_metadata(spec)) for spec, k in zip((a, b), kinds) if k == "latent"),
                        None)
-        spacing = None if spacing == "tuned" else spacing
     options = SamplingOptions(steps=schedule_steps(steps, schedule), sampler=sampler, spacing=spacing,
                               inversion=inversion, inverting="image" in kinds, deterministic=deterministic,
                               guidance_scale=guidance_scale, schedule_file=None if schedule is None else str(schedule))

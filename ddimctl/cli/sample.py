@@ -64,12 +64,12 @@ def sample(
         raise DdimctlError("--format safetensors and --grid need every image in one process; run without torchrun")
     x_given = x_prev = None
     if latents is not None:
-        from ..latents import load_latent_pair
+        from ..latents import load_latent_pair, recorded_spacing
 
         x_given, x_prev, meta = load_latent_pair(latents)
         n = x_given.shape[0]
-        if spacing is None and schedule is None and meta.get("spacing") not in (None, "", "tuned"):
-            spacing = meta["spacing"]  # decode with the plan the latents were made with
+        if spacing is None and schedule is None and recorded_spacing(meta) is not None:
+            spacing = recorded_spacing(meta)  # decode with the plan the latents were made with
             rep.note(f"{latents}: spacing {spacing}, as recorded in the file")
     options = SamplingOptions(steps=schedule_steps(steps, schedule), eta=eta, sampler=sampler, spacing=spacing,
                               clip_sample=clip_sample, channels_last=channels_last, deterministic=deterministic,
