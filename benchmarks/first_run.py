@@ -1,23 +1,35 @@
 """Where the README's main job spends its time: ``ddimctl sample --steps 50 --eta 0`` as a whole process.
 
-    python benchmarks/first_run.py            # 5 runs of each measurement (about a minute on 2 cores)
+    python benchmarks/first_run.py            # 5 rounds (about a minute and a half on 2 cores)
     python benchmarks/first_run.py --runs 9
 
-Each figure is the median over ``--runs`` fresh processes (run on an otherwise idle machine):
+Each round runs, in fresh processes on an otherwise idle machine:
 
 * the whole command, exactly as the README gives it (the console script, offline, into a fresh folder);
-* ``python -c pass`` (the interpreter's own start) and ``python -c "import torch"`` (torch's import);
-* one instrumented run of the same command inside a fresh interpreter, which times its stages: the CLI's own
-  imports, loading the model, the sampling loop and, inside it, the UNet's forwards (forward hooks), writing the
-  PNGs, and what is left (option parsing, exit).
+* the same command inside an instrumented interpreter that times every stage of that one process from the outside
+  in: interpreter start (spawn to first line), ``import torch``, ddimctl's own imports, loading the model, the
+  sampling loop and, inside it, the UNet's forwards (forward hooks), writing the PNGs, the rest of the command
+  (option parsing, checks) and the interpreter's shutdown (last line to exit);
+* a baseline process that only imports torch and exits the way ddimctl exits (``gc.freeze()`` first, below).
 
-"Everything else" is the whole command minus torch's import minus the UNet's forwards: what ddimctl itself adds.
-The goal (issue 19) is that it stays under 5 % of the run.
+"Everything else" is, per round, the instrumented command's wall time minus the baseline's wall time minus the
+command's UNet forwards: what ddimctl adds to torch's import and the model's own work. The goal (issue 19) is that
+it stays under 5 % of the run. Figures are medians over the rounds.
+
+Shutdown: ``python -c "import torch"`` spends about 0.5 s exiting on 2 cores, 0.35 s of it the cyclic garbage
+collector walking torch's objects one last time. ``ddimctl``'s entry point skips that walk (``gc.freeze()`` once its
+work is done), and so does the baseline here, so that saving is not counted as ddimctl's; the plain
+``python -c "import torch"`` is printed beside it.
+
+Bytecode: pip compiles a package's bytecode when it installs it; an editable install under
+``PYTHONDONTWRITEBYTECODE=1`` (set on this project's machines) compiles ddimctl from source on every run. The rounds
+run with the bytecode compiled (``python -m compileall``); the whole command is also timed without it first.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -27,8 +39,10 @@ import sys
 import tempfile
 import time
 
+# argv: OUT_DIR. Prints one JSON line of stage times; "done_at" is the epoch time of its last line.
 INSTRUMENTED = r"""
 import json, sys, time
+E0 = time.time()
 T0 = time.perf_counter()
 import torch
 T1 = time.perf_counter()
@@ -67,11 +81,23 @@ timed(ddimctl.pipeline.Engine, "generate", "generate")
 timed(ddimctl.images, "save_png", "png")
 sys.argv = ["ddimctl", "sample", "--steps", "50", "--eta", "0", "--out", sys.argv[1], "--quiet"]
 try:
-    main()
+    main()  # ends in gc.freeze() and sys.exit, like the console script
 except SystemExit:
     pass
 T3 = time.perf_counter()
-print(json.dumps({"torch_import": T1 - T0, "cli_import": T2 - T1, "command": T3 - T2, **stages}))
+print(json.dumps({"started_at": E0, "torch_import": T1 - T0, "cli_import": T2 - T1, "command": T3 - T2,
+                  "done_at": time.time(), **stages}), flush=True)
+"""
+
+# The baseline: torch's import, and an exit like ddimctl's.
+BASELINE = r"""
+import json, time
+E0 = time.time()
+T0 = time.perf_counter()
+import gc, torch
+T1 = time.perf_counter()
+gc.freeze()
+print(json.dumps({"started_at": E0, "torch_import": T1 - T0, "done_at": time.time()}), flush=True)
 """
 
 
@@ -79,6 +105,18 @@ def wall(cmd: list[str], env: dict, cwd: str | None = None) -> float:
     t = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return time.perf_counter() - t
+
+
+def timed_process(code: str, env: dict, *argv: str) -> dict:
+    """Run ``code`` in a fresh interpreter; its JSON line plus wall, start (spawn to first line) and shutdown (last
+    line to exit) in seconds."""
+    spawned = time.time()
+    out = subprocess.run([sys.executable, "-c", code, *argv], check=True, env=env, capture_output=True, text=True)
+    exited = time.time()
+    d = json.loads(out.stdout.strip().splitlines()[-1])
+    d["wall"], d["start"] = exited - spawned, d.pop("started_at") - spawned
+    d["shutdown"] = exited - d.pop("done_at")
+    return d
 
 
 def main() -> None:
@@ -90,39 +128,50 @@ def main() -> None:
     if exe is None:
         sys.exit("ddimctl is not on PATH: pip install -e . first")
     tmp = tempfile.mkdtemp(prefix="first_run_")
-    whole, start, torch_import, parts = [], [], [], []
+    command = [exe, "sample", "--steps", "50", "--eta", "0"]
+    package = os.path.dirname(importlib.util.find_spec("ddimctl").origin)
+    for sub in ("", "cli"):
+        shutil.rmtree(os.path.join(package, sub, "__pycache__"), ignore_errors=True)
+    uncompiled = [wall(command, env, cwd=tempfile.mkdtemp(dir=tmp)) for _ in range(args.runs)]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", package], check=True)
+
+    whole, plain_torch, runs, base = [], [], [], []
     for r in range(args.runs):  # interleaved, so a slow spell of the machine touches every measurement alike
-        whole.append(wall([exe, "sample", "--steps", "50", "--eta", "0"], env, cwd=tempfile.mkdtemp(dir=tmp)))
-        start.append(wall([sys.executable, "-c", "pass"], env))
-        torch_import.append(wall([sys.executable, "-c", "import torch"], env))
-        out = subprocess.run([sys.executable, "-c", INSTRUMENTED, os.path.join(tmp, f"i{r}")], check=True, env=env,
-                             capture_output=True, text=True)
-        parts.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        whole.append(wall(command, env, cwd=tempfile.mkdtemp(dir=tmp)))
+        runs.append(timed_process(INSTRUMENTED, env, os.path.join(tmp, f"i{r}")))
+        base.append(timed_process(BASELINE, env))
+        plain_torch.append(wall([sys.executable, "-c", "import torch"], env))
     shutil.rmtree(tmp, ignore_errors=True)
 
     med = statistics.median
-    total, py, imp = med(whole), med(start), med(torch_import) - med(start)
-    p = {k: med(d[k] for d in parts) for k in parts[0]}
-    model = p["model"]
-    other = total - imp - model
-    print(f"`ddimctl sample --steps 50 --eta 0` (built-in mnist, 16 images, batch 16), median of {args.runs} "
-          f"fresh processes, torch {__import__('torch').__version__}, {os.cpu_count()} CPUs:\n")
+    p = {k: med(d[k] for d in runs) for k in runs[0]}
+    b = {k: med(d[k] for d in base) for k in base[0]}
+    other = [d["wall"] - e["wall"] - d["model"] for d, e in zip(runs, base)]
+    total = p["wall"]
+    print(f"`ddimctl sample --steps 50 --eta 0` (built-in mnist, 16 images, batch 16), median of {args.runs} rounds "
+          f"of fresh processes, torch {__import__('torch').__version__}, {os.cpu_count()} CPUs:\n")
     rows = [
-        ("whole command (console script)", total),
-        ("  interpreter start (python -c pass)", py),
-        ("  import torch", imp),
-        ("  UNet forwards (50 at batch 16)", model),
-        ("  everything else = whole - torch import - forwards", other),
-        ("instrumented run, the parts of 'everything else':", None),
+        ("the console script as the README gives it", med(whole)),
+        ("  the same, ddimctl compiled from source on every run", med(uncompiled)),
+        ("instrumented command, one process (= 100 %)", total),
+        ("  interpreter start", p["start"]),
+        ("  import torch", p["torch_import"]),
         ("  ddimctl's own imports (ddimctl.cli: typer, ...)", p["cli_import"]),
         ("  loading the model (resolve, read safetensors, build the UNet)", p["load"]),
-        ("  sampling loop outside the UNet (noise, sampler math)", p["generate"] - model),
+        ("  UNet forwards (50 at batch 16)", p["model"]),
+        ("  sampling loop outside the UNet (noise, sampler math)", p["generate"] - p["model"]),
         ("  writing 16 PNGs (encode + atomic write + fsync)", p["png"]),
-        ("  the rest of the command (options, checks, exit)", p["command"] - p["load"] - p["generate"] - p["png"]),
+        ("  the rest of the command (option parsing, checks, lazy imports)",
+         p["command"] - p["load"] - p["generate"] - p["png"]),
+        ("  interpreter shutdown", p["shutdown"]),
+        ("baseline: import torch, exit as ddimctl does", b["wall"]),
+        ("  of which shutdown", b["shutdown"]),
+        ("python -c 'import torch' (its shutdown walks every object)", med(plain_torch)),
     ]
     for name, v in rows:
-        print(f"{name:70s}" + ("" if v is None else f"{v:8.3f} s  {100 * v / total:5.1f} %"))
-    print(f"\neverything else: {100 * other / total:.1f} % of the run (goal < 5 %)")
+        print(f"{name:70s}{v:8.3f} s  {100 * v / total:5.1f} %")
+    print(f"\neverything else (command - baseline - forwards, per round): {med(other):.3f} s, "
+          f"{100 * med(other) / total:.1f} % of the run (goal < 5 %)")
 
 
 if __name__ == "__main__":
