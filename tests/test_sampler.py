@@ -327,8 +327,11 @@ def test_exact_inversion_stops_at_the_iteration_cap():
 # Inversion of every sampler (issue 16)
 
 from ddimctl.inversion import (  # noqa: E402
-    _solve, ddim_plan_update, dpmpp_2m_plan_update, invert_bdia, invert_multistep, run_plan_updates, update_coefficients,
+    INVERT_FUNCTIONS, _solve, ddim_plan_update, dpmpp_2m_plan_update, dpmpp_3m_plan_update, invert_bdia,
+    invert_multistep, invert_multistep_checked, ipndm_plan_update, run_plan_updates, unipc_plan_update,
+    update_coefficients,
 )
+from ddimctl.sampler import SAMPLERS  # noqa: E402
 from ddimctl.sampler import sample_bdia  # noqa: E402
 from oracles import MixtureOracle  # noqa: E402
 
@@ -372,11 +375,27 @@ def test_bdia_differs_from_ddim_by_less_than_ddims_own_error():
     assert e_bdia < 2 * e_ddim, (e_bdia, e_ddim)
 
 
-@pytest.mark.parametrize("sampler,update", [("ddim", ddim_plan_update), ("dpm++2m", dpmpp_2m_plan_update)])
-def test_plan_updates_are_the_samplers_steps(sampler, update):
-    den, x_T = _mixture(vp_schedule(), "epsilon")
-    plan = make_plan(vp_schedule(), 7, "logsnr")
-    assert torch.equal(run_plan_updates(update, den, x_T, plan), sample(den, x_T, plan, sampler))
+MULTISTEP = [("dpm++2m", dpmpp_2m_plan_update), ("dpm++3m", dpmpp_3m_plan_update), ("unipc", unipc_plan_update),
+             ("ipndm", ipndm_plan_update)]
+
+
+def test_every_sampler_has_an_inversion():
+    assert set(INVERT_FUNCTIONS) == set(SAMPLERS)
+
+
+@pytest.mark.parametrize("sampler,update", [("ddim", ddim_plan_update)] + MULTISTEP)
+@pytest.mark.parametrize("schedule,pt,spacing", ORACLE_CASES)
+@pytest.mark.parametrize("steps", [3, 7, 10])
+def test_plan_updates_are_the_samplers_steps(sampler, update, schedule, pt, spacing, steps):
+    """Bit for bit, except UniPC's, which writes the corrected point as a shift of the predicted one (the same
+    arithmetic regrouped): float64 shows it is the same map."""
+    den, x_T = _mixture(schedule, pt)
+    plan = make_plan(schedule, steps, spacing)
+    got, want = run_plan_updates(update, den, x_T, plan), sample(den, x_T, plan, sampler)
+    if sampler == "unipc":
+        assert rms(got - want) <= 1e-14 * rms(want), rms(got - want)
+    else:
+        assert torch.equal(got, want)
 
 
 def test_inversion_reads_the_steps_own_coefficients():
@@ -416,6 +435,30 @@ def test_improved_solve_never_returns_a_larger_residual_than_the_plain_fixed_poi
         improved = _solve(evaluate, target, guess, coeff, active, krylov=True, **kw)
         plain = _solve(evaluate, target, guess, coeff, active, krylov=False, memory=0, **kw)
         assert bool((improved.residual <= plain.residual * (1 + 1e-9) + 1e-15).all()), (k, improved.residual, plain.residual)
+
+
+@pytest.mark.parametrize("sampler,update", MULTISTEP)
+@pytest.mark.parametrize("schedule,pt,spacing", [(vp_schedule(), "epsilon", "logsnr"), (flow_schedule(), "flow", "trailing")])
+def test_checked_multistep_inversion_is_never_further_than_plain_and_exact_where_the_memory_is(
+        sampler, update, schedule, pt, spacing):
+    """Per image, the checked solve's decode is no further from x0 than plain inversion's (it keeps the closer);
+    with a denoiser whose x0_hat is constant (a point mass) every step's memory is right and the multistep solve
+    itself is exact."""
+    den, x_T = _mixture(schedule, pt)
+    plan = make_plan(schedule, 10, spacing)
+    x0 = sample(den, x_T, plan, sampler)
+    stats = InversionStats()
+    back = invert_multistep_checked(update, den, x0, plan, tol=1e-10, stats=stats)
+    err = (sample(den, back, plan, sampler) - x0).flatten(1).pow(2).mean(1).sqrt()
+    plain = (sample(den, invert_ddim(den, x0, plan), plan, sampler) - x0).flatten(1).pow(2).mean(1).sqrt()
+    assert bool((err <= plain).all()), (err, plain)
+    assert stats.image_round_trip == pytest.approx(err.tolist(), rel=1e-9, abs=1e-15)
+    assert len(stats.image_plain_kept) == x0.shape[0]
+    c = torch.linspace(-1, 1, D, dtype=torch.float64)
+    one = Denoiser(GaussianOracle(schedule, c, 0.0, pt), pt)
+    x0 = sample(one, x_T, plan, sampler)
+    back = invert_multistep(update, one, x0, plan, tol=1e-12)
+    assert rms(sample(one, back, plan, sampler) - x0) <= 1e-10
 
 
 @pytest.mark.parametrize("schedule,pt,spacing", [(vp_schedule(), "epsilon", "logsnr"), (flow_schedule(), "flow", "trailing")])

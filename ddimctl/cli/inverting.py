@@ -195,6 +195,9 @@ class _InversionJob:
             record["max_residual"] = max(r[j] for r in stats.image_residuals)
             record["iterations"] = [it[j] for it in stats.image_iterations]
             record["residuals"] = [r[j] for r in stats.image_residuals]
+            if stats.image_plain_kept is not None:  # a multistep sampler: its solve checked against plain inversion
+                record["plain_inversion_kept"] = stats.image_plain_kept[j]
+                record["round_trip_rms"] = stats.image_round_trip[j]
         self.records.append({**record, **extra})
         return True
 
