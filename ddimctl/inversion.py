@@ -293,7 +293,7 @@ def invert_multistep(
     * a stopping rule on the decoded image: ``tol`` is the RMS error (model units) that the solve may leave in
       the decoded sample, shared out as ``tol / sqrt(S)`` per step; a step stops when its residual, times the
       most a perturbation at level k+1 can grow on the way to the data (1 for VP data of std <= 1, sqrt(2) for
-      flow), is below that share, or when the last iteration changed the denoised estimate at x_k (a one-step
+      flow; times |w| + |1 - w| under classifier-free guidance of scale w), is below that share, or when the last iteration changed the denoised estimate at x_k (a one-step
       decode) by less than a tenth of it while the residual is within 10x of its bound: the iteration then
       stalls only in directions the denoiser ignores, which decoding does not see (a residual further off is a
       genuine stall, and the step goes on to ``max_iter``).
@@ -334,7 +334,11 @@ def _invert_multistep(update, denoise, x0, plan, callback, tol, max_iter, stats,
     idx_all = torch.arange(B, device=x0.device)
     step_iters = [torch.zeros(B, dtype=torch.long, device=x0.device) for _ in range(S)]  # by inverse step n
     calls = torch.zeros(B, dtype=torch.long, device=x0.device)
-    gains = [a_clean / math.hypot(float(plan.a[k + 1]), float(plan.b[k + 1])) if improved else 1.0
+    # classifier-free guidance mixes two model outputs with weights w and 1 - w: a perturbation's effect on the
+    # decoded image can grow by |w| + |1 - w| (1 without guidance)
+    w = float(getattr(denoise, "guidance_scale", 1.0))
+    guide = abs(w) + abs(1.0 - w)
+    gains = [guide * a_clean / math.hypot(float(plan.a[k + 1]), float(plan.b[k + 1])) if improved else 1.0
              for k in range(S)]
     need = torch.ones(B, dtype=torch.bool, device=x0.device)
     for sweep in range(1):
@@ -645,7 +649,11 @@ def _solve(evaluate, target, guess, coeff, active, *, tol_res, tol_change, max_i
         damp = torch.where(worse, damp * 0.5, damp)
         # Newton-Krylov where the frozen-model iteration stalls
         if krylov and len(res_hist) >= 4:
-            stalled = act & (res > 0.5 * res_hist[-4]) & (kry_count < 2) & (iters + krylov_dim < max_iter)
+            # at most two within 10x of the tolerance (where the frozen-model iteration usually finishes the job); as many
+            # as the budget allows while the residual is still far off (a huge step, as a tuned 3-step plan's
+            # last, where the frozen-model slope is off by orders of magnitude)
+            far = res > 10 * tol_res
+            stalled = act & (res > 0.5 * res_hist[-4]) & ((kry_count < 2) | far) & (iters + krylov_dim < max_iter)
             if bool(stalled.any()):
                 sidx = stalled.nonzero().flatten()
                 delta, used = _gmres_step(evaluate, best_x[sidx], best_to[sidx], target[sidx], sidx, krylov_dim,

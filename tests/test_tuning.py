@@ -274,19 +274,13 @@ def test_invert_reconstruct_and_interpolate_take_a_schedule(tuned, tmp_path):
 
     image = tmp_path / "digit.png"
     Image.fromarray((np.arange(64).reshape(8, 8) * 4).astype(np.uint8)).save(image)
-    # three tuned steps on a random model: the step from x_1 to x_T is huge, and its exact solve needs more than
-    # the default 50 iterations (about 85)
+    # three tuned steps on a random model: the step from x_1 to x_T is huge (sigma 1 -> 157), and its exact solve
+    # needs more than the default 50 iterations (about 95, most of them in Newton-Krylov steps)
     r = cli("reconstruct", image, "-m", tiny, "--schedule", files["ddim"], "--max-iter", 200, "--json",
             "--out", tmp_path / "rec")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    r2 = cli("reconstruct", image, "-m", tiny, "--schedule", files["ddim"], "--inversion", "plain", "--json",
-             "--out", tmp_path / "rec-plain")
-    assert r2.exit_code == 0, r2.output
-    plain = json.loads(r2.stdout)["images"][0]["mse"]
-    # three huge tuned steps on a random model: exact inversion does not reach the image (see the closing note
-    # of issue 15/16), but it must be far closer than plain inversion under the same schedule
-    assert doc["settings"]["spacing"] == "tuned" and doc["images"][0]["mse"] < plain / 3, (doc["images"][0], plain)
+    assert doc["settings"]["spacing"] == "tuned" and doc["images"][0]["mse"] < 1e-3, doc["images"][0]
     r = cli("invert", image, "-m", tiny, "--schedule", files["ddim"], "--out", tmp_path / "lat")
     assert r.exit_code == 0, r.output
     from ddimctl.latents import load_latents
