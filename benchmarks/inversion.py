@@ -10,6 +10,7 @@ plain latent goes to stderr).
 
     python benchmarks/inversion.py                       # mnist, 100 digits, 10/20/50 steps
     python benchmarks/inversion.py --digits 20 --steps 10 --model mnist-flow
+    python benchmarks/inversion.py --images photos --steps 10      # real photographs (grayscale crops)
 """
 
 from __future__ import annotations
@@ -30,6 +31,31 @@ from ddimctl.inversion import InversionStats, invert_ddim  # noqa: E402
 from ddimctl.pipeline import Engine, SamplingOptions  # noqa: E402
 
 PAPER_TABLE2 = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009}
+
+
+PHOTOS = ("camera", "astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "motorcycle_left")
+
+
+def photo_crops(n: int, size: int) -> torch.Tensor:
+    """(n, 1, size, size) grayscale crops of scikit-image's photographs in [-1, 1]: each photograph scaled so its
+    short side is 5 x size, then cut into a 5 x 5 grid of crops (row by row, photograph by photograph)."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    crops = []
+    for name in PHOTOS:
+        if not hasattr(skimage.data, name):
+            continue
+        img = Image.fromarray(np.asarray(getattr(skimage.data, name)())).convert("L")
+        w, h = img.size
+        k = 5 * size / min(w, h)
+        img = img.resize((max(5 * size, round(w * k)), max(5 * size, round(h * k))), Image.LANCZOS)
+        a = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+        for i in range(5):
+            for j in range(5):
+                crops.append(a[i * size : (i + 1) * size, j * size : (j + 1) * size])
+    return torch.from_numpy(np.stack(crops[:n]))[:, None]
 
 
 def run(model: str, x: torch.Tensor, steps: int, method: str, tol: float) -> tuple[torch.Tensor, list[int]]:
@@ -54,7 +80,9 @@ def run(model: str, x: torch.Tensor, steps: int, method: str, tol: float) -> tup
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mnist")
-    ap.add_argument("--digits", type=int, default=100)
+    ap.add_argument("--digits", type=int, default=100, help="how many images")
+    ap.add_argument("--images", choices=("digits", "photos"), default="digits",
+                    help="held-out MNIST digits, or 32x32 grayscale crops of scikit-image's photographs")
     ap.add_argument("--steps", default="10,20,50")
     ap.add_argument("--tol", type=float, default=3e-3)
     ap.add_argument("--methods", default="plain,exact (before),exact (improved),bdia,dpm++2m exact,dpm++3m exact,"
@@ -62,8 +90,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    x = load_builtin_dataset("mnist-test")[: args.digits]  # held-out digits, all classes in order
-    print(f"### Inversion on {len(x)} held-out digits, model {args.model!r} (per-dimension MSE, [0, 1]; calls per "
+    if args.images == "photos":  # real photographs, far from what the digits model knows
+        x = photo_crops(args.digits, load_builtin_dataset("mnist-test").shape[-1])
+        what = "grayscale crops of scikit-image photographs"
+    else:
+        x = load_builtin_dataset("mnist-test")[: args.digits]  # held-out digits, all classes in order
+        what = "held-out digits"
+    print(f"### Inversion on {len(x)} {what}, model {args.model!r} (per-dimension MSE, [0, 1]; calls per "
           f"image, invert + decode)\n")
     print("| steps | method | MSE max | MSE mean | > 1e-5 | calls median | calls max | DDIM paper T2 (plain) |")
     print("|---|---|---|---|---|---|---|---|")
