@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from .sampler import (
-    Callback, Denoise, _isfinite, bdia_step, ddim_step, dpmpp_2m_update, dpmpp_3m_update, ipndm_update, lam,
-    model_times, plan_requires_grad, sampling_function, unipc_bh2_update,
+    Callback, Denoise, _isfinite, bdia_step, ddim_step, dpmpp_2m_update, dpmpp_3m_second_order_before_end,
+    dpmpp_3m_update, ipndm_update, lam, model_times, plan_requires_grad, sampling_function, unipc_bh2_update,
 )
 from .schedule import SamplingPlan
 
@@ -115,11 +115,9 @@ def dpmpp_2m_plan_update(plan: SamplingPlan, k: int, x: Tensor, outs: Sequence[t
 def dpmpp_3m_plan_update(plan: SamplingPlan, k: int, x: Tensor, outs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
     """DPM-Solver++(3M) step k exactly as :func:`ddimctl.sampler.sample_dpmpp_3m` takes it
     (:func:`ddimctl.sampler.dpmpp_3m_update`; lower order on the first two steps and before the clean end)."""
-    S = len(plan)
     a, b, a_to, b_to = plan.a[k], plan.b[k], plan.a[k + 1], plan.b[k + 1]
-    before_end = plan.b[S] == 0 and k == S - 2 and S < 15
     x0_prev = outs[k - 1][0] if k >= 1 else None
-    x0_prev2 = outs[k - 2][0] if k >= 2 and not before_end else None
+    x0_prev2 = outs[k - 2][0] if k >= 2 and not dpmpp_3m_second_order_before_end(plan, k) else None
     h_prev = lam(a, b) - lam(plan.a[k - 1], plan.b[k - 1]) if k >= 1 else math.inf
     h_prev2 = lam(plan.a[k - 1], plan.b[k - 1]) - lam(plan.a[k - 2], plan.b[k - 2]) if k >= 2 else math.inf
     return dpmpp_3m_update(x, outs[k][0], x0_prev, x0_prev2, a, b, a_to, b_to, h_prev, h_prev2)[0]

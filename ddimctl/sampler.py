@@ -318,6 +318,13 @@ def dpmpp_3m_update(
     return (b_to / b) * x - (a_to * phi_1) * x0 + (a_to * phi_2) * d1 - (a_to * phi_3) * d2, h
 
 
+def dpmpp_3m_second_order_before_end(plan: SamplingPlan, k: int) -> bool:
+    """Whether DPM-Solver++(3M) takes step k at second order because the next step goes to the clean end (as
+    diffusers' ``lower_order_final``, for fewer than 15 steps)."""
+    S = len(plan)
+    return plan.b[S] == 0 and k == S - 2 and S < 15
+
+
 @sampling_function
 def sample_dpmpp_3m(denoise: Denoise, x: Tensor, plan: SamplingPlan, callback: Callback | None = None) -> Tensor:
     """DPM-Solver++(3M) (:func:`dpmpp_3m_update`): first order on the first step, second on the second; the
@@ -325,13 +332,12 @@ def sample_dpmpp_3m(denoise: Denoise, x: Tensor, plan: SamplingPlan, callback: C
     before it second order (as diffusers' ``lower_order_final``)."""
     ts = model_times(plan, x)
     S = len(plan)
-    ends_clean = plan.b[S] == 0
     x0s: list[Tensor] = []  # data predictions at the previous points, newest first
     hs: list[Any] = []  # the log-SNR steps that led to them, newest first
     for k in range(S):
         a, b, a_to, b_to = plan.a[k], plan.b[k], plan.a[k + 1], plan.b[k + 1]
         x0, _ = denoise(x, ts[k : k + 1], a, b)
-        before_end = ends_clean and k == S - 2 and S < 15  # second order before the clean end (diffusers)
+        before_end = dpmpp_3m_second_order_before_end(plan, k)
         prev = x0s[0] if x0s else None
         prev2 = x0s[1] if len(x0s) > 1 and not before_end else None
         x, h = dpmpp_3m_update(x, x0, prev, prev2, a, b, a_to, b_to, hs[0] if hs else math.inf,
