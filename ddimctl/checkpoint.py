@@ -679,6 +679,10 @@ def _resolve_dir(
         meta = _metadata_json(metadata, "ddimctl", weights.files[0]) or {}
     if pipeline is not None:
         files.append(pipeline.path)
+    trained = meta.get("autoencoder") if isinstance(meta.get("autoencoder"), dict) else {}
+    if autoencoder is not None and trained.get("scaling_factor") == autoencoder.scaling_factor:
+        # ddimctl trained this UNet on latents at this scale: the guesses about where a scale came from do not apply
+        autoencoder.notes = [n for n in autoencoder.notes if "scaling_factor" not in n]
     notes += _unet_notes(model_config, str(config_path), settings)
     r = Resolved(ref, source, weights.files[0], model_config, scheduler_config, meta, files=files,
                  config_source=str(config_path), scheduler_source=scheduler_source, weight_files=list(weights.files),
@@ -1362,19 +1366,24 @@ def load(
     model = _load_module(
         lambda: UNet2DModel.from_config(cfg, source=r.config_source), r.weight_files, r.weights_index, dtype, device
     )
-    ae_model = None
-    if r.autoencoder is not None:
-        from .autoencoder import autoencoder_from_config
-
-        ae = r.autoencoder
-        ae_model = _load_module(lambda: autoencoder_from_config(ae.config, ae.config_source), list(ae.weights.files),
-                                ae.weights.index, dtype, device)
+    ae_model = load_autoencoder(r.autoencoder, device, dtype) if r.autoencoder is not None else None
     image_c, image_h, _ = r.image_shape
     return Checkpoint(
         model, settings, r, image_c, image_h, count_parameters(model), autoencoder=ae_model,
         prediction_channels=channels, num_class_embeds=cfg.get("num_class_embeds"),
         class_embed_type=cfg.get("class_embed_type"), sample_size=size, notes=notes,
     )
+
+
+def load_autoencoder(
+    ae: ResolvedAutoencoder, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """Load a resolved autoencoder (see :func:`resolve_autoencoder`) from safetensors with strict key and shape
+    checks, cast to ``dtype`` on ``device``, in eval mode; its config (scaling included) is ``ae.config``."""
+    from .autoencoder import autoencoder_from_config
+
+    return _load_module(lambda: autoencoder_from_config(ae.config, ae.config_source), list(ae.weights.files),
+                        ae.weights.index, dtype, device)
 
 
 def _load_module(
@@ -1453,10 +1462,19 @@ def _check_state_dict(path: Path, state: Mapping[str, torch.Tensor], expected: M
 # Saving
 
 
-def _ddimctl_meta(model_config: Mapping[str, Any], settings: SamplerSettings, meta: Mapping[str, Any] | None) -> dict:
+def _ddimctl_meta(model_config: Mapping[str, Any], settings: SamplerSettings, meta: Mapping[str, Any] | None,
+                  autoencoder: torch.nn.Module | None = None) -> dict:
+    """ddimctl's metadata: the caller's ``meta`` plus version, objective and the images the model makes (decoded by
+    ``autoencoder`` for a latent model, whose UNet's shape is then ``latent_shape``)."""
     from . import __version__
 
     size = model_config.get("sample_size")
+    channels = model_config.get("in_channels")
+    shape: dict[str, Any] = {"image_channels": channels, "image_size": size}
+    if autoencoder is not None and isinstance(size, int):
+        f = autoencoder.downscale_factor
+        shape = {"image_channels": autoencoder.config["out_channels"], "image_size": size * f,
+                 "latent_shape": [channels, size, size]}
     return {
         **dict(meta or {}),
         "ddimctl_version": __version__,
@@ -1464,9 +1482,21 @@ def _ddimctl_meta(model_config: Mapping[str, Any], settings: SamplerSettings, me
         "prediction_type": settings.prediction_type,
         "kind": settings.kind,
         "data_range": [-1, 1],
-        "image_channels": model_config.get("in_channels"),
-        "image_size": size,
+        **shape,
     }
+
+
+def autoencoder_component(config: Mapping[str, Any]) -> str:
+    """The pipeline component a saved latent model gives its autoencoder: ``vqvae``, the name diffusers'
+    ``LDMPipeline`` loads (an ``AutoencoderKL`` there too, with a type warning, decoding ``latents /
+    scaling_factor`` as ddimctl does), except for an ``AutoencoderKL`` with a ``shift_factor`` or
+    ``latents_mean``/``latents_std``, which ``LDMPipeline`` would decode wrongly: ``vae``, which ddimctl loads and
+    diffusers' ``LDMPipeline`` refuses."""
+    if config.get("_class_name") == "AutoencoderKL" and (
+        config.get("shift_factor") is not None or config.get("latents_mean") is not None
+    ):
+        return "vae"
+    return "vqvae"
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -1490,22 +1520,44 @@ def save(
     settings: SamplerSettings,
     meta: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    autoencoder: torch.nn.Module | None = None,
 ) -> Path:
     """Write ``model`` in diffusers' layout (``config.json``, ``diffusion_pytorch_model.safetensors``,
     ``scheduler_config.json``) plus ``ddimctl.json``, as one atomic directory (:func:`ddimctl.fsutil.atomic_dir`:
     an existing ``out_dir`` is an :class:`~ddimctl.errors.OutputExistsError` unless ``overwrite``). A torch.compile
-    or DDP wrapper is unwrapped. Returns ``out_dir``."""
+    or DDP wrapper is unwrapped. Returns ``out_dir``.
+
+    With an ``autoencoder`` (a :mod:`ddimctl.autoencoder` model whose latents ``model`` works on) the directory is a
+    latent pipeline that loads as one model: ``model_index.json`` (``LDMPipeline``), ``unet/``, ``scheduler/``,
+    the autoencoder's config (its ``scaling_factor`` the one it encodes with) and weights in ``vqvae/`` (or
+    ``vae/``, see :func:`autoencoder_component`), and ``ddimctl.json`` at the root."""
     from .fsutil import atomic_dir, safetensors_bytes
 
     out_dir = Path(out_dir)
     model = _unwrap(model)
     config = dict(model.config)
-    doc = _ddimctl_meta(config, settings, meta)
+    doc = _ddimctl_meta(config, settings, meta, autoencoder)
+    scheduler = settings.to_diffusers_config()
     with atomic_dir(out_dir, overwrite) as tmp:
-        _write_json(tmp / CONFIG_NAME, config)
+        unet_dir = sched_dir = tmp
+        if autoencoder is not None:
+            ae_config = dict(autoencoder.config)
+            component = autoencoder_component(ae_config)
+            unet_dir, sched_dir, ae_dir = tmp / "unet", tmp / "scheduler", tmp / component
+            for d in (unet_dir, sched_dir, ae_dir):
+                d.mkdir()
+            _write_json(tmp / PIPELINE_INDEX, {
+                "_class_name": "LDMPipeline",
+                "scheduler": ["diffusers", scheduler["_class_name"]],
+                "unet": ["diffusers", "UNet2DModel"],
+                component: ["diffusers", ae_config["_class_name"]],
+            })
+            _write_json(ae_dir / CONFIG_NAME, ae_config)
+            (ae_dir / WEIGHTS_NAME).write_bytes(safetensors_bytes(_state_for_saving(autoencoder), {"format": "pt"}))
+        _write_json(unet_dir / CONFIG_NAME, config)
         metadata = {"format": "pt", "ddimctl": json.dumps(doc, default=str)}  # diffusers needs "format": "pt"
-        (tmp / WEIGHTS_NAME).write_bytes(safetensors_bytes(_state_for_saving(model), metadata))
-        _write_json(tmp / SCHEDULER_NAME, settings.to_diffusers_config())
+        (unet_dir / WEIGHTS_NAME).write_bytes(safetensors_bytes(_state_for_saving(model), metadata))
+        _write_json(sched_dir / SCHEDULER_NAME, scheduler)
         _write_json(tmp / META_NAME, doc)
     return out_dir
 

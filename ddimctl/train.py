@@ -8,6 +8,13 @@ A run directory holds::
     OUT/metrics.jsonl      one row per step: step, loss, lr, elapsed seconds (appended every --log-every steps)
     OUT/samples/           preview grids (--sample-every)
 
+Latent diffusion (``autoencoder`` set): the UNet learns the latents of a frozen autoencoder (``AutoencoderKL``:
+the posterior mean; ``VQModel``: the pre-quantisation latent; scaled as the pipelines scale them, by the
+autoencoder's own ``encode``, the function every command's :class:`~ddimctl.pipeline.Engine` encodes with). Every
+training image is encoded once, before the first step; its UNet has the latent channels and the image size / the
+autoencoder's downsampling factor; ``checkpoint/`` is then a latent pipeline folder (``unet/``, ``vqvae/`` or
+``vae/``, ``scheduler/``, ``model_index.json``) that every command loads as one model, and previews are decoded.
+
 Resume is exact: every random draw of step k (the batch's noise, timesteps and flips) comes from a generator
 seeded by (seed, k, rank), and the data order of epoch e from one seeded by (seed, e). So model, EMA, optimizer
 and step are all the state there is; a run stopped at step k and resumed ends bit-identical (on CPU) to one that
@@ -72,6 +79,21 @@ class TrainConfig:
     class_conditional: bool = False
     num_classes: int = 0  # set from the data: class ids 0 .. num_classes - 1; num_classes is the null class
     label_dropout: float = 0.1  # share of training examples shown the null class (classifier-free guidance)
+    autoencoder: str | None = None  # latent diffusion: the frozen autoencoder whose latents the UNet learns
+    autoencoder_scaling_factor: float | None = None  # its latent scale (None: its config's)
+    variant: str | None = None  # the autoencoder's weights variant (e.g. fp16)
+    latent_channels: int = 0  # set from the autoencoder: its latents' channels, the UNet's in/out channels
+    latent_factor: int = 1  # set from the autoencoder: image side / latent side
+
+    @property
+    def sample_channels(self) -> int:
+        """Channels of what the UNet works on: the images', or the latents' in a latent run."""
+        return self.latent_channels if self.autoencoder else self.channels
+
+    @property
+    def sample_size(self) -> int:
+        """Side of what the UNet works on: ``image_size``, divided by the autoencoder's factor in a latent run."""
+        return self.image_size // self.latent_factor
 
     def validate(self) -> None:
         """Refuse settings no run could use (one :class:`SettingError` naming the field)."""
@@ -80,9 +102,15 @@ class TrainConfig:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise SettingError(("mixed_precision", self.mixed_precision), "expected no, bf16 or fp16")
         n_levels = len(self.channel_mult)
-        if self.image_size % (2 ** (n_levels - 1)):
+        if self.image_size % self.latent_factor:
+            raise SettingError(("image_size", self.image_size), f"not divisible by {self.latent_factor}, the "
+                               f"downsampling factor of the autoencoder {self.autoencoder}")
+        if self.autoencoder and not self.latent_channels:
+            pass  # the latents' size is known once the autoencoder is (load_frozen_autoencoder validates again)
+        elif self.sample_size % (2 ** (n_levels - 1)):
+            what = f"its latents' size {self.sample_size}" if self.autoencoder else "it"
             raise SettingError(("image_size", self.image_size),
-                               f"must be divisible by {2 ** (n_levels - 1)} for {n_levels} resolution levels")
+                               f"{what} must be divisible by {2 ** (n_levels - 1)} for {n_levels} resolution levels")
         for name in ("train_steps", "batch_size", "base_channels", "layers_per_block", "image_size", "channels",
                      "log_every"):
             if getattr(self, name) < 1:
@@ -93,15 +121,18 @@ class TrainConfig:
             raise SettingError(("lr_schedule", self.lr_schedule), f"expected one of {', '.join(LR_SCHEDULES)}")
         if not 0 <= self.label_dropout < 1:
             raise SettingError(("label_dropout", self.label_dropout), "must be in [0, 1)")
+        for name in ("autoencoder_scaling_factor", "variant"):
+            if getattr(self, name) is not None and not self.autoencoder:
+                raise SettingError((name, getattr(self, name)), "applies to an autoencoder, and none is given")
 
     def unet_config(self) -> dict[str, Any]:
         """The diffusers UNet2DModel config these size options describe."""
         chans = [self.base_channels * m for m in self.channel_mult]
-        res = [self.image_size // 2**i for i in range(len(chans))]
+        res = [self.sample_size // 2**i for i in range(len(chans))]
         down = ["AttnDownBlock2D" if r in self.attention_resolutions else "DownBlock2D" for r in res]
         up = ["AttnUpBlock2D" if r in self.attention_resolutions else "UpBlock2D" for r in reversed(res)]
         return {
-            "sample_size": self.image_size, "in_channels": self.channels, "out_channels": self.channels,
+            "sample_size": self.sample_size, "in_channels": self.sample_channels, "out_channels": self.sample_channels,
             "block_out_channels": chans, "layers_per_block": self.layers_per_block,
             "down_block_types": down, "up_block_types": up, "norm_num_groups": self.norm_num_groups,
             "attention_head_dim": min(chans[-1], 32), "flip_sin_to_cos": True, "freq_shift": 0,
@@ -111,14 +142,15 @@ class TrainConfig:
         }
 
     def settings(self) -> SamplerSettings:
-        """Sampler settings saved with the checkpoint (DDIM defaults; rectified flow for the flow objective)."""
+        """Sampler settings saved with the checkpoint (DDIM defaults; rectified flow for the flow objective). x0 is
+        clipped to [-1, 1] for images, not for latents, which have no such range."""
         if self.objective == "flow":
             return SamplerSettings.from_config(
                 {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": self.num_train_timesteps}
             )
         return SamplerSettings.from_config({
             "num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
-            "prediction_type": self.objective, "clip_sample": True, "set_alpha_to_one": True,
+            "prediction_type": self.objective, "clip_sample": not self.autoencoder, "set_alpha_to_one": True,
             "steps_offset": 1, "timestep_spacing": "leading",
         })
 
@@ -131,6 +163,64 @@ class TrainState:
     step: int = 0
 
 
+@dataclass
+class FrozenAutoencoder:
+    """The autoencoder of a latent run: ``model`` (eval, no gradients, float32 on the training device),
+    ``resolved`` (where it came from, its config with the scale it encodes with), ``fingerprint`` (sha256 of its
+    config and weights: a resumed run and an ``--init`` checkpoint must have the same) and ``notes`` (the
+    resolver's one-line notes, e.g. about the scale)."""
+
+    model: torch.nn.Module
+    resolved: Any  # ddimctl.checkpoint.ResolvedAutoencoder
+    fingerprint: str
+    notes: list[str] = field(default_factory=list)
+
+    def meta(self) -> dict[str, Any]:
+        """What the checkpoint's ddimctl.json records about it."""
+        r = self.resolved
+        return {"ref": r.ref, "class": r.class_name, "scaling_factor": r.scaling_factor,
+                "shift_factor": r.config.get("shift_factor"), "downscale_factor": r.downscale_factor,
+                "revision": r.revision, "sha256": self.fingerprint}
+
+
+def autoencoder_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of an autoencoder's config (its scale included) and weights (as float32 bytes, in key order)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(model.config, sort_keys=True, default=str).encode())
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_frozen_autoencoder(cfg: TrainConfig, device: torch.device) -> FrozenAutoencoder:
+    """Resolve and load ``cfg.autoencoder`` frozen on ``device``; check it takes ``cfg.channels``-channel images of
+    ``cfg.image_size``, and set ``cfg.latent_channels`` / ``cfg.latent_factor`` from it. Errors are one line."""
+    from .checkpoint import load_autoencoder, resolve_autoencoder
+
+    r = resolve_autoencoder(cfg.autoencoder, variant=cfg.variant, scaling_factor=cfg.autoencoder_scaling_factor)
+    takes = int(r.config["in_channels"])
+    if takes != cfg.channels:
+        raise SettingError(("channels", cfg.channels),
+                           f"the autoencoder {cfg.autoencoder} ({r.class_name}) takes {takes}-channel images")
+    cfg.latent_channels, cfg.latent_factor = r.latent_channels, r.downscale_factor
+    cfg.validate()  # the image size against the autoencoder's factor, before its weights are read
+    model = load_autoencoder(r, device, torch.float32).requires_grad_(False)
+    return FrozenAutoencoder(model, r, autoencoder_fingerprint(model), list(r.notes))
+
+
+@torch.no_grad()
+def encode_images(autoencoder: torch.nn.Module, images: Tensor, batch_size: int) -> Tensor:
+    """Training images (N, C, H, W) in [-1, 1] -> the latents the UNet learns, (N, C_lat, H/f, W/f) float32 on
+    the CPU: ``autoencoder.encode`` (KL: the posterior mean; VQ: the pre-quantisation latent; then its scaling and
+    shift), as :meth:`ddimctl.pipeline.Engine.to_latents` encodes; in batches of ``batch_size``, in order."""
+    param = next(autoencoder.parameters())
+    out = [autoencoder.encode(images[i : i + batch_size].to(param.device, param.dtype)).float().cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)  # (N, C_lat, H/f, W/f)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to ``lr`` over ``warmup_steps``, then constant, or (``cosine``) a half cosine that reaches 0
     at ``train_steps``."""
@@ -141,14 +231,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * warm
 
 
-def init_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
+def init_weights(model: torch.nn.Module, cfg: TrainConfig, autoencoder: FrozenAutoencoder | None = None) -> None:
     """Copy the weights of checkpoint ``cfg.init`` (any model reference) into ``model``; its UNet and its objective
     must be the ones the options describe. A class-conditional run may start from the same UNet without classes:
-    its class embedding starts at zero, so the model starts as exactly the unconditional one."""
-    from .checkpoint import load
+    its class embedding starts at zero, so the model starts as exactly the unconditional one. A latent run
+    (``autoencoder``) may start from a latent checkpoint with the same autoencoder (weights and scale), a pixel run
+    not from a latent one."""
+    from .checkpoint import load, resolve
     from .unet import normalize_config
 
-    ck = load(cfg.init)
+    r = resolve(cfg.init)
+    if r.autoencoder is not None and autoencoder is None:
+        raise SettingError([("init", cfg.init), ("autoencoder", "none")], f"the checkpoint is a latent-diffusion "
+                           f"model (its UNet learned the latents of {r.autoencoder.config_source})")
+    ck = load(r, autoencoder=r.autoencoder is not None)
+    if ck.autoencoder is not None and autoencoder_fingerprint(ck.autoencoder) != autoencoder.fingerprint:
+        raise SettingError([("init", cfg.init), ("autoencoder", cfg.autoencoder)],
+                           f"the checkpoint's autoencoder ({r.autoencoder.config_source}) differs (weights or scale)")
     want, have = normalize_config(cfg.unet_config()), ck.model.config
     adds_classes = cfg.class_conditional and have.get("num_class_embeds") is None
     ignored = {"num_class_embeds"} if adds_classes else set()
@@ -185,19 +284,21 @@ def batch_indices(step: int, n: int, cfg: TrainConfig, rank: int, world: int) ->
 
 
 def training_example(x0: Tensor, step: int, cfg: TrainConfig, settings: SamplerSettings, rank: int,
-                     alphas_cumprod: Tensor | None = None, labels: Tensor | None = None):
+                     alphas_cumprod: Tensor | None = None, labels: Tensor | None = None, flipped: Tensor | None = None):
     """Noised inputs, model times, targets and class labels (None for an unconditional run) for one batch
     x0 (B, C, H, W); randomness from (seed, step, rank).
 
     ``alphas_cumprod``: the VP schedule's table (float64, (T,)), computed once by the caller; built here if None.
     ``labels``: the batch's classes; a share ``label_dropout`` of them becomes the null class (drawn after every
     other draw, so an unconditional run's examples are the same with or without this).
+    ``flipped``: with ``hflip``, the mirrored examples when they are not ``x0.flip(-1)`` (a latent run: the
+    latents of the mirrored images).
     """
     g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)
     B = x0.shape[0]
     if cfg.hflip:
         flip = torch.rand(B, generator=g) < 0.5
-        x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1) if flipped is None else flipped, x0)
     eps = torch.randn(x0.shape, generator=g)
     T = settings.num_train_timesteps
     if settings.kind == "flow":
@@ -220,8 +321,9 @@ def training_example(x0: Tensor, step: int, cfg: TrainConfig, settings: SamplerS
 
 
 def _save_state(out: Path, state: TrainState, cfg: TrainConfig, elapsed: float = 0.0,
-                scaler: "torch.amp.GradScaler | None" = None, class_names: list[str] | None = None) -> None:
-    """Write the checkpoint and the training state; each file atomically."""
+                scaler: "torch.amp.GradScaler | None" = None, class_names: list[str] | None = None,
+                autoencoder: FrozenAutoencoder | None = None, latent_stats: dict[str, Any] | None = None) -> None:
+    """Write the checkpoint (a latent pipeline with ``autoencoder``) and the training state; each atomically."""
     from .checkpoint import save as save_checkpoint
     from .fsutil import save_safetensors_atomic, write_bytes_atomic
 
@@ -233,7 +335,10 @@ def _save_state(out: Path, state: TrainState, cfg: TrainConfig, elapsed: float =
             meta["class_names"] = class_names
     if cfg.init:
         meta["init"] = cfg.init
-    save_checkpoint(out / "checkpoint", state.ema, cfg.settings(), meta, overwrite=True)
+    if autoencoder is not None:
+        meta["autoencoder"] = {**autoencoder.meta(), **(latent_stats or {})}
+    save_checkpoint(out / "checkpoint", state.ema, cfg.settings(), meta, overwrite=True,
+                    autoencoder=autoencoder.model if autoencoder is not None else None)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
     tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in state.ema.state_dict().items()})
     opt = state.optimizer.state_dict()
@@ -243,14 +348,17 @@ def _save_state(out: Path, state: TrainState, cfg: TrainConfig, elapsed: float =
     save_safetensors_atomic(out / STATE_TENSORS, tensors)
     doc = {"step": state.step, "elapsed": elapsed, "config": dataclasses.asdict(cfg),
            "param_groups": opt["param_groups"]}
+    if autoencoder is not None:
+        doc["autoencoder_sha256"] = autoencoder.fingerprint
     if scaler is not None:
         doc["grad_scaler"] = scaler.state_dict()  # fp16 loss scale: plain numbers
     write_bytes_atomic(out / STATE_JSON, json.dumps(doc, indent=2).encode())
 
 
 def _load_state(out: Path, state: TrainState, cfg: TrainConfig,
-                scaler: "torch.amp.GradScaler | None" = None) -> float:
-    """Restore model, EMA, optimizer and step from ``out``; returns the elapsed seconds saved with them."""
+                scaler: "torch.amp.GradScaler | None" = None, autoencoder: FrozenAutoencoder | None = None) -> float:
+    """Restore model, EMA, optimizer and step from ``out``; returns the elapsed seconds saved with them. The
+    options must be the saved run's (and a latent run's autoencoder the same weights and scale)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -263,10 +371,17 @@ def _load_state(out: Path, state: TrainState, cfg: TrainConfig,
         raise InputError(f"{out}: unreadable training state ({str(e).splitlines()[0]})") from None
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in doc["config"].items()}
     free = ("save_every", "sample_every", "log_every") + (("train_steps",) if cfg.lr_schedule == "constant" else ())
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # fields newer than the saved run
     differs = [k for k, v in dataclasses.asdict(cfg).items()
-               if k not in free and saved.get(k) != (tuple(v) if isinstance(v, list) else v)]
+               if k not in free and saved.get(k, defaults[k]) != (tuple(v) if isinstance(v, list) else v)]
+    if "autoencoder" in differs:  # the one that explains the derived latent_channels / latent_factor
+        raise SettingError([("resume", out), ("autoencoder", cfg.autoencoder or "none")],
+                           f"the saved run learned the latents of {saved.get('autoencoder') or 'no autoencoder'}")
     if differs:
         raise SettingError(("resume", out), f"options differ from the saved run ({', '.join(differs)})")
+    if autoencoder is not None and doc.get("autoencoder_sha256") != autoencoder.fingerprint:
+        raise SettingError([("resume", out), ("autoencoder", cfg.autoencoder)],
+                           "its weights or scale differ from the ones the saved run encoded with")
     unwrapped = getattr(state.model, "module", state.model)
     unwrapped.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -295,8 +410,10 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 @torch.no_grad()
-def preview(ema: torch.nn.Module, cfg: TrainConfig, n: int = 16, steps: int = 50) -> Tensor:
-    """A grid (C, H', W') of n EMA samples (seeds 0..n-1, DDIM eta 0)."""
+def preview(ema: torch.nn.Module, cfg: TrainConfig, n: int = 16, steps: int = 50,
+            autoencoder: torch.nn.Module | None = None) -> Tensor:
+    """A grid (C, H', W') of n EMA samples (seeds 0..n-1, DDIM eta 0), decoded by ``autoencoder`` in a latent
+    run."""
     from .images import make_grid
     from .sampler import make_generators, randn, sample
 
@@ -304,11 +421,13 @@ def preview(ema: torch.nn.Module, cfg: TrainConfig, n: int = 16, steps: int = 50
 
     settings = cfg.settings()
     device = next(ema.parameters()).device
-    x = randn(make_generators(range(n)), (cfg.channels, cfg.image_size, cfg.image_size), device=device)
+    x = randn(make_generators(range(n)), (cfg.sample_channels, cfg.sample_size, cfg.sample_size), device=device)
     denoiser = settings.denoiser(ema)
     if cfg.class_conditional:  # image i shows class i mod K
         denoiser = dc.replace(denoiser, class_labels=torch.arange(n, device=device) % cfg.num_classes)
     x0 = sample(denoiser, x, settings.plan(steps))
+    if autoencoder is not None:
+        x0 = autoencoder.decode(x0.float())  # latents (n, C_lat, h, w) -> images (n, C, H, W)
     return make_grid(x0.float().cpu())
 
 
@@ -322,9 +441,12 @@ def train(
     on_step: Callable[[dict[str, Any]], None] | None = None,
     labels: Tensor | None = None,
     class_names: list[str] | None = None,
+    autoencoder: FrozenAutoencoder | None = None,
 ) -> TrainState:
-    """Run (or resume) training to ``cfg.train_steps``; returns the final state. ``data``: (N, C, H, W) in [-1, 1];
-    ``labels``: (N,) class ids for a class-conditional run (``class_names`` recorded in the checkpoint)."""
+    """Run (or resume) training to ``cfg.train_steps``; returns the final state. ``data``: (N, C, H, W) images in
+    [-1, 1]; ``labels``: (N,) class ids for a class-conditional run (``class_names`` recorded in the checkpoint).
+    A latent run (``cfg.autoencoder``) encodes ``data`` first, with ``autoencoder`` when given (see
+    :func:`load_frozen_autoencoder`), else the one it loads."""
     import torch.distributed as dist
 
     from .devices import rank_world
@@ -332,6 +454,10 @@ def train(
     from .images import save_png
     from .unet import UNet2DModel
 
+    if autoencoder is not None and not cfg.autoencoder:
+        raise ValueError("an autoencoder was given for a run whose config names none (cfg.autoencoder)")
+    if cfg.autoencoder and autoencoder is None:
+        autoencoder = load_frozen_autoencoder(cfg, device)
     cfg.validate()
     if cfg.class_conditional and (labels is None or len(labels) != len(data)):
         raise SettingError(("class_conditional", True), f"{cfg.data}: needs a class label for every image")
@@ -346,7 +472,7 @@ def train(
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = UNet2DModel.from_config(cfg.unet_config())
     if cfg.init and not resume:  # a resumed run has the (trained) weights in its state
-        init_weights(model, cfg)  # before --out is created: a checkpoint that does not fit leaves nothing behind
+        init_weights(model, cfg, autoencoder)  # before --out is created: one that does not fit leaves nothing behind
     model = model.to(device)
     if rank == 0:
         check_writable_dir(out)
@@ -357,7 +483,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
     elapsed0 = 0.0
     if resume:
-        elapsed0 = _load_state(out, state, cfg, scaler)
+        elapsed0 = _load_state(out, state, cfg, scaler, autoencoder)
         if rank == 0:
             _trim_metrics(out / "metrics.jsonl", state.step)
     elif rank == 0:
@@ -367,6 +493,14 @@ def train(
     n = len(data)
     if n < cfg.batch_size * world:
         raise InputError(f"{cfg.data}: {n} images, fewer than one batch of {cfg.batch_size * world}")
+    flipped, latent_stats = None, None
+    if autoencoder is not None:  # every image encoded once; the UNet learns these latents
+        images = data
+        data = encode_images(autoencoder.model, images, cfg.batch_size)  # (N, C_lat, h, w)
+        if cfg.hflip:
+            flipped = encode_images(autoencoder.model, images.flip(-1), cfg.batch_size)
+        del images
+        latent_stats = {"latent_mean": data.mean().item(), "latent_std": data.std().item()}
     alphas_cumprod = None if settings.kind == "flow" else torch.as_tensor(settings.schedule().alphas_cumprod)
     t_start = time.perf_counter() - elapsed0  # elapsed seconds continue across resumes
     log = _MetricsLog(out / "metrics.jsonl" if rank == 0 else None)
@@ -375,7 +509,8 @@ def train(
             step = state.step
             idx = batch_indices(step, n, cfg, rank, world)
             x_t, t, target, lab = training_example(data[idx], step, cfg, settings, rank, alphas_cumprod,
-                                                   labels[idx] if cfg.class_conditional else None)
+                                                   labels[idx] if cfg.class_conditional else None,
+                                                   flipped[idx] if flipped is not None else None)
             x_t, t, target = x_t.to(device), t.to(device), target.to(device)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -408,9 +543,11 @@ def train(
             if rank == 0:
                 if cfg.sample_every and state.step % cfg.sample_every == 0:
                     (out / "samples").mkdir(exist_ok=True)
-                    save_png(preview(ema, cfg), out / "samples" / f"step_{state.step:07d}.png")
+                    grid = preview(ema, cfg, autoencoder=autoencoder.model if autoencoder is not None else None)
+                    save_png(grid, out / "samples" / f"step_{state.step:07d}.png")
                 if saving:
-                    _save_state(out, state, cfg, time.perf_counter() - t_start, scaler, class_names)
+                    _save_state(out, state, cfg, time.perf_counter() - t_start, scaler, class_names, autoencoder,
+                                latent_stats)
             if on_step is not None:
                 on_step({"step": state.step, "loss": log.last_loss, "lr": lr, "elapsed": time.perf_counter() - t_start})
     finally:

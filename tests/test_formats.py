@@ -21,6 +21,10 @@ from ddimctl.checkpoint import Resolved, resolve, resolve_autoencoder
 from ddimctl.errors import ConfigError, ModelError
 
 from hubcache import add_snapshot, fake_hub, fetched, folder_files, offline_cache
+from tinymodels import VQ
+from tinymodels import randomize as _randomize
+from tinymodels import tiny_kl as _kl
+from tinymodels import tiny_vq as _vq
 
 UNET = {
     "sample_size": 4,
@@ -33,16 +37,6 @@ UNET = {
     "norm_num_groups": 8,
     "attention_head_dim": 8,
 }
-AE_BLOCKS = {
-    "block_out_channels": [16, 32],
-    "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "norm_num_groups": 8,
-    "layers_per_block": 1,
-    "sample_size": 8,
-}
-VQ = {**AE_BLOCKS, "latent_channels": 3, "num_vq_embeddings": 64}
-KL = {**AE_BLOCKS, "latent_channels": 4}
 RUNS = "ddimctl runs UNet2DModel pipelines: unet + scheduler, optionally with a vqvae/vae autoencoder"
 
 
@@ -60,24 +54,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
-
-
 def _unet(diffusers, seed: int = 0, **overrides):
     return _randomize(diffusers.UNet2DModel(**{**UNET, **overrides}), seed)
-
-
-def _vq(diffusers, seed: int = 1, **overrides):
-    return _randomize(diffusers.VQModel(**{**VQ, **overrides}), seed)
-
-
-def _kl(diffusers, seed: int = 2, **overrides):
-    return _randomize(diffusers.AutoencoderKL(**{**KL, **overrides}), seed)
 
 
 def _one_line(fn, cls=ModelError) -> str:

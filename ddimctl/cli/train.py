@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from .app import command
-from .options import BatchSizeOpt, DeviceOpt, OverwriteOpt, QuietOpt, SeedOpt
+from .options import AutoencoderScaleOpt, BatchSizeOpt, DeviceOpt, OverwriteOpt, QuietOpt, SeedOpt, VariantOpt
 from .output import Progress
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def train(
     data: Annotated[str, typer.Argument(help="A folder of images (recursive), or a built-in dataset: mnist, digits.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (checkpoint/, state, metrics.jsonl, samples/).")],
-    image_size: Annotated[int, typer.Option("--image-size", help="Training resolution (MNIST's 28x28 is padded to 32).")] = 32,
+    image_size: Annotated[int, typer.Option("--image-size", help="Training resolution in pixels (MNIST's 28x28 is padded to 32).")] = 32,
     channels: Annotated[int, typer.Option("--channels", help="Image channels: 1 (grayscale) or 3 (RGB).")] = 1,
     base_channels: Annotated[int, typer.Option("--base-channels", help="UNet channels at full resolution.")] = 32,
     channel_mult: Annotated[str, typer.Option("--channel-mult", help="Channel multiplier per resolution level.")] = "1,2,2",
@@ -37,6 +37,9 @@ def train(
     class_conditional: Annotated[bool, typer.Option("--class-conditional", help="Learn p(x | class): labels from the built-in datasets, or one subfolder per class in an image folder; the model gets a null class too (see --label-dropout).")] = False,
     label_dropout: Annotated[float, typer.Option("--label-dropout", help="Class-conditional: share of examples shown the null class, which classifier-free guidance needs.")] = 0.1,
     init: Annotated[str | None, typer.Option("--init", help="Start from this checkpoint's weights (built-in name, path or Hub id; same UNet and objective); the optimizer starts fresh.")] = None,
+    autoencoder: Annotated[str | None, typer.Option("--autoencoder", help="Latent diffusion: learn the latents of this frozen autoencoder (VQModel or AutoencoderKL: a folder, a pipeline's vqvae/ or vae/, a .safetensors file or a Hub repo); the UNet's channels and size follow from it, and checkpoint/ is a pipeline with both.", show_default=False)] = None,
+    autoencoder_scaling_factor: AutoencoderScaleOpt = None,
+    variant: VariantOpt = None,
     ema_decay: Annotated[float, typer.Option("--ema-decay", help="EMA decay of the saved weights.")] = 0.999,
     grad_clip: Annotated[float, typer.Option("--grad-clip", help="Gradient-norm clip (0: off).")] = 1.0,
     seed: SeedOpt = 0,
@@ -70,6 +73,7 @@ def train(
             seed=seed, hflip=hflip, save_every=save_every, sample_every=sample_every, log_every=log_every,
             mixed_precision=mixed_precision,
             lr_schedule=lr_schedule, init=init, class_conditional=class_conditional, label_dropout=label_dropout,
+            autoencoder=autoencoder, autoencoder_scaling_factor=autoencoder_scaling_factor, variant=variant,
         ))
     finally:
         torch.set_num_threads(threads_before)  # in-process callers (tests, notebooks) keep their setting
@@ -79,18 +83,26 @@ def _train(data: str, out: Path, device: str, resume: bool, overwrite: bool, qui
     """Load the data, run :func:`ddimctl.train.train` with a progress bar, report the checkpoint."""
     from ..data import load_training_data
     from ..devices import rank_world, resolve_device
+    from ..train import load_frozen_autoencoder
     from ..train import train as run
 
     cfg.validate()
     dev = resolve_device(device)
+    say = (lambda m: None) if quiet else (lambda m: sys.stderr.write(m + "\n"))
+    ae = load_frozen_autoencoder(cfg, dev) if cfg.autoencoder else None  # refusals before the data is read
     loaded = load_training_data(data, cfg.image_size, cfg.channels, labelled=cfg.class_conditional)
     images, skipped, described = loaded.images, loaded.skipped, loaded.description
     if images.shape[1] != cfg.channels:
         images = images[:, : cfg.channels]
     if cfg.class_conditional:
         cfg.num_classes = len(loaded.class_names)
-    say = (lambda m: None) if quiet else (lambda m: sys.stderr.write(m + "\n"))
     say(f"training on {len(images)} images ({described}){f', {skipped} unreadable files skipped' if skipped else ''}")
+    if ae is not None:
+        for line in ae.notes:
+            say(line)
+        c, s = cfg.sample_channels, cfg.sample_size
+        say(f"in the latent space of the {ae.resolved.class_name} {cfg.autoencoder}: {c}x{s}x{s} latents, scaling "
+            f"factor {ae.resolved.scaling_factor:g} (each image encoded once)")
     rank = rank_world()[0]
     bar = Progress("training", cfg.train_steps, enabled=rank == 0 and not quiet and sys.stderr.isatty(),
                    columns="loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} it/s", loss=float("nan"), rate=0.0)
@@ -99,7 +111,7 @@ def _train(data: str, out: Path, device: str, resume: bool, overwrite: bool, qui
             bar.update(completed=info["step"], loss=info["loss"], rate=info["step"] / max(info["elapsed"], 1e-9))
 
         state = run(cfg, out, dev, resume=resume, overwrite=overwrite, data=images, on_step=on_step,
-                    labels=loaded.labels, class_names=loaded.class_names)
+                    labels=loaded.labels, class_names=loaded.class_names, autoencoder=ae)
     if rank == 0:
         sys.stdout.write(f"{out / 'checkpoint'}\n")
         say(f"step {state.step}: checkpoint {out / 'checkpoint'} (sample with: ddimctl sample --model {out / 'checkpoint'})")
