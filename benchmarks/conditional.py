@@ -38,7 +38,7 @@ def guided_samples(net, model: str, steps: int, n: int, w: float, batch: int) ->
     for chunk in batches(list(range(n)), batch):
         _, x0 = engine.generate(chunk, labels=engine.class_labels(wanted[list(chunk)]))
         with torch.no_grad():
-            probs.append(torch.softmax(net(x0.clamp(-1, 1)), 1))
+            probs.append(torch.softmax(net(x0.clamp(-1, 1).cpu()), 1))
     p = torch.cat(probs)
     hit = p.argmax(1) == wanted
     per_class = [float(hit[wanted == c].float().mean()) for c in range(10)]
@@ -68,7 +68,7 @@ def edits(net, model: str, steps: int, w: float, strength: float, x, y, batch: i
     for chunk in batches(list(range(len(x))), batch):
         idx = list(chunk)
         out.append(engine.edit(x[idx], engine.class_labels(y[idx]), engine.class_labels(target[idx]), strength).edited)
-    e = torch.cat(out).clamp(-1, 1)
+    e = torch.cat(out).clamp(-1, 1).cpu()
     with torch.no_grad():
         hit = float((net(e).argmax(1) == target).float().mean())
     src, dst = x > 0, e > 0
@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--inversion-guidance", type=float, default=3.0)
     ap.add_argument("--digits", type=int, default=50, help="held-out digits for inversion and edits")
     ap.add_argument("--batch", type=int, default=50)
+    ap.add_argument("--parts", default="sampling,inversion,edits", help="which of the three parts to run")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -93,7 +94,8 @@ def main() -> None:
     print(f"classifier: {100 * acc:.1f} % held-out accuracy, {100 * ceiling:.1f} % of real digits confident > 0.9\n")
     report: dict = {"classifier_accuracy": acc, "real_confident": ceiling}
 
-    report["sampling"] = [guided_samples(net, args.model, args.steps, args.samples, float(w), args.batch)
+    parts = args.parts.split(",")
+    report["sampling"] = [] if "sampling" not in parts else [guided_samples(net, args.model, args.steps, args.samples, float(w), args.batch)
                           for w in args.guidance.split(",")]
     print(f"| guidance w | steps | requested class | confident (> 0.9) | worst class |\n|---|---|---|---|---|")
     for r in report["sampling"]:
@@ -104,14 +106,15 @@ def main() -> None:
     pick = torch.arange(0, len(xt), max(1, len(xt) // args.digits))[: args.digits]  # every class alike
     x, y = xt[pick], yt[pick]
     w = args.inversion_guidance
-    report["inversion"] = [row for s in (10, 50) for row in inversion_under_guidance(args.model, s, w, x, y, args.batch)]
+    report["inversion"] = [row for s in ((10, 50) if "inversion" in parts else ())
+                           for row in inversion_under_guidance(args.model, s, w, x, y, args.batch)]
     print(f"\ninvert-then-sample under guidance w = {w:g}, {len(x)} held-out digits with their labels:\n")
     print("| steps | inversion | MSE mean | MSE max | model calls (median / max) |\n|---|---|---|---|---|")
     for r in report["inversion"]:
         print(f"| {r['steps']} | {r['inversion']} | {r['mse_mean']:.2e} | {r['mse_max']:.2e} | "
               f"{r['calls_median']} / {r['calls_max']} |")
 
-    report["edits"] = [edits(net, args.model, args.steps, w, s, x, y, args.batch) for s in (1.0, 0.6)]
+    report["edits"] = [edits(net, args.model, args.steps, w, s, x, y, args.batch) for s in (1.0, 0.6) if "edits" in parts]
     print(f"\nedits c -> (c + 1) mod 10, {len(x)} held-out digits, {args.steps} steps, w = {w:g}:\n")
     print("| strength | reaches the target class | MSE to source | stroke IoU with source |\n|---|---|---|---|")
     for r in report["edits"]:

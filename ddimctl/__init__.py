@@ -17,7 +17,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 #: The models shipped inside the package (``ddimctl/models/NAME``), and the one every command uses by default.
-BUILTIN_MODELS = ("mnist", "mnist-flow")
+BUILTIN_MODELS = ("mnist", "mnist-flow", "mnist-cond")
 DEFAULT_MODEL = "mnist"
 
 _EXPORTS = {

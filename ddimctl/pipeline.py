@@ -43,6 +43,11 @@ def inversion_spacing(settings: SamplerSettings) -> str:
     return "logsnr"
 
 
+GUIDED_CLIP_NOTE = ("the checkpoint clips x0 (clip_sample), which under classifier-free guidance clamps the "
+                    "extrapolated x0 without recomputing eps and can drift off the requested class; "
+                    "--no-clip-sample turns it off")
+
+
 @dataclass(kw_only=True)
 class SamplingOptions:
     """The options every sampling command shares (keyword-only)."""
@@ -216,9 +221,12 @@ class Engine:
                 note(line)
         num_classes, null_label = class_conditioning(ckpt.model, ckpt.resolved)
         model, _ = prepare_model(ckpt.prediction_model(), options.channels_last, compile, note=note)
-        return cls(model, ckpt.settings, options, ckpt.image_shape, device, dtype, source=ckpt.resolved,
-                   num_classes=num_classes, null_label=null_label, autoencoder=ckpt.autoencoder,
-                   latent_shape=ckpt.sample_shape)
+        engine = cls(model, ckpt.settings, options, ckpt.image_shape, device, dtype, source=ckpt.resolved,
+                     num_classes=num_classes, null_label=null_label, autoencoder=ckpt.autoencoder,
+                     latent_shape=ckpt.sample_shape)
+        if note is not None and options.guidance_scale != 1.0 and engine.settings.clip_sample:
+            note(GUIDED_CLIP_NOTE)
+        return engine
 
     def class_labels(self, labels: Sequence[int] | Tensor | None, n: int | None = None,
                      field: str = "class_label") -> Tensor | None:

@@ -41,6 +41,41 @@ cp "$T/interp-seeds/interpolation.gif" "$E/interpolate_seeds.gif"
 ddimctl interpolate "$T/heldout_0.png" "$T/heldout_2.png" --frames 8 --steps 50 --out "$T/interp-digits" --quiet > /dev/null
 cp "$T/interp-digits/strip.png" "$E/interpolate_digits_strip.png"
 
+# The class-conditional built-in: 50-step samples under guidance w = 3 (image i asks for digit i mod 10: the grid
+# reads 0, 1, 2, ... row by row), and edits of held-out digits c -> c + 1 at strength 1 and 0.6.
+ddimctl sample --model mnist-cond --guidance-scale 3 --steps 50 --eta 0 --n 40 --out "$T/cond" \
+  --grid "$E/samples_mnist-cond_w3.png" --quiet --overwrite > /dev/null
+python - "$T" <<'PY'
+import sys
+from pathlib import Path
+from ddimctl.data import load_builtin_dataset
+from ddimctl.images import save_png
+x, y = load_builtin_dataset("mnist-test", with_labels=True)
+(Path(sys.argv[1]) / "edit-src").mkdir()
+for c in range(10):
+    save_png(x[c * 50 + 5], Path(sys.argv[1]) / "edit-src" / f"digit_{c}.png")
+(Path(sys.argv[1]) / "labels.txt").write_text("".join(f"{c}\n" for c in range(10)))
+(Path(sys.argv[1]) / "targets.txt").write_text("".join(f"{(c + 1) % 10}\n" for c in range(10)))
+PY
+for s in 1.0 0.6; do
+  ddimctl edit "$T"/edit-src/digit_*.png --model mnist-cond --class-label "$T/labels.txt" \
+    --to-class-label "$T/targets.txt" --guidance-scale 3 --steps 50 --strength "$s" --out "$T/edit-$s" --quiet > /dev/null
+done
+python - "$T" "$E/edit_mnist-cond.png" <<'PY'
+import sys
+from pathlib import Path
+from PIL import Image
+T = Path(sys.argv[1])
+rows = [[Image.open(T / "edit-src" / f"digit_{c}.png") for c in range(10)]]
+rows += [[Image.open(T / f"edit-{s}" / f"digit_{c}.png") for c in range(10)] for s in ("1.0", "0.6")]
+w, h = rows[0][0].size
+sheet = Image.new("L", (10 * (w + 2), 3 * (h + 2)), 128)
+for r, row in enumerate(rows):
+    for c, im in enumerate(row):
+        sheet.paste(im.convert("L"), (c * (w + 2), r * (h + 2)))
+sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(sys.argv[2])
+PY
+
 # Loss curves of the training runs, if the runs are at hand (RUNS=path/to/runs).
 if [ -n "${RUNS:-}" ]; then
   python "$E/plot_loss.py" "$RUNS/mnist/metrics.jsonl" "$E/loss_mnist.png" "mnist (epsilon)"

