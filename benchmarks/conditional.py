@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--digits", type=int, default=50, help="held-out digits for inversion and edits")
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--parts", default="sampling,inversion,edits", help="which of the three parts to run")
+    ap.add_argument("--inversion-steps", default="10,50", help="step counts of the invert-then-sample part")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -106,7 +107,7 @@ def main() -> None:
     pick = torch.arange(0, len(xt), max(1, len(xt) // args.digits))[: args.digits]  # every class alike
     x, y = xt[pick], yt[pick]
     w = args.inversion_guidance
-    report["inversion"] = [row for s in ((10, 50) if "inversion" in parts else ())
+    report["inversion"] = [row for s in (map(int, args.inversion_steps.split(",")) if "inversion" in parts else ())
                            for row in inversion_under_guidance(args.model, s, w, x, y, args.batch)]
     print(f"\ninvert-then-sample under guidance w = {w:g}, {len(x)} held-out digits with their labels:\n")
     print("| steps | inversion | MSE mean | MSE max | model calls (median / max) |\n|---|---|---|---|---|")

@@ -11,13 +11,7 @@ from ddimctl.images import mse
 from ddimctl.pipeline import Engine, SamplingOptions
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small batches of a small UNet: one thread is as fast, and immune to thread oversubscription on a busy box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

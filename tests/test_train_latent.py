@@ -43,12 +43,7 @@ def aes(diffusers, tmp_path_factory):
     return {name: (root / name, model) for name, model in models.items()}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def train(*args):

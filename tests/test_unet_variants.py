@@ -124,13 +124,7 @@ def diffusers():
     return pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models and small inputs: one thread is as fast, and immune to thread oversubscription on a busy box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _randomize(model: nn.Module, seed: int) -> None:
