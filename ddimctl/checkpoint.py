@@ -663,12 +663,6 @@ def _resolve_dir(
         raise _no_weights_error(root, label, source == "hub")
 
     notes: list[str] = []
-    autoencoder = None
-    if ae_plan is not None:
-        autoencoder = _finish_autoencoder(
-            ref, "pipeline", ae_folder, f"{label}/{component}", ae_plan, variant, None,
-            lambda pats: fetch([f"{component}/{p}" for p in pats]), variants,
-        )
     metadata = _safetensors_metadata(weights.files[0])
     meta_path = root / META_NAME
     files = [config_path, *([weights.index] if weights.index else []), *weights.files, *scheduler_files]
@@ -679,10 +673,14 @@ def _resolve_dir(
         meta = _metadata_json(metadata, "ddimctl", weights.files[0]) or {}
     if pipeline is not None:
         files.append(pipeline.path)
-    trained = meta.get("autoencoder") if isinstance(meta.get("autoencoder"), dict) else {}
-    if autoencoder is not None and trained.get("scaling_factor") == autoencoder.scaling_factor:
-        # ddimctl trained this UNet on latents at this scale: the guesses about where a scale came from do not apply
-        autoencoder.notes = [n for n in autoencoder.notes if "scaling_factor" not in n]
+    autoencoder = None
+    if ae_plan is not None:
+        trained = meta.get("autoencoder") if isinstance(meta.get("autoencoder"), dict) else {}
+        autoencoder = _finish_autoencoder(
+            ref, "pipeline", ae_folder, f"{label}/{component}", ae_plan, variant, None,
+            lambda pats: fetch([f"{component}/{p}" for p in pats]), variants,
+            trained_scale=trained.get("scaling_factor"),
+        )
     notes += _unet_notes(model_config, str(config_path), settings)
     r = Resolved(ref, source, weights.files[0], model_config, scheduler_config, meta, files=files,
                  config_source=str(config_path), scheduler_source=scheduler_source, weight_files=list(weights.files),
@@ -807,11 +805,13 @@ def _autoencoder_config_of(folder: Path) -> _AutoencoderPlan:
 
 
 def _autoencoder_config(
-    raw: Mapping[str, Any], source: str, scaling_factor: float | None
+    raw: Mapping[str, Any], source: str, scaling_factor: float | None, trained_scale: float | None = None
 ) -> tuple[dict[str, Any], list[str]]:
     """The validated config of an autoencoder with ddimctl's scaling policy applied, and its notes.
 
     * ``scaling_factor`` given: it replaces the config's (a note names both);
+    * the config's ``scaling_factor`` is ``trained_scale``, the scale ddimctl's training recorded for the UNet
+      beside it (``ddimctl.json``): kept, and none of the guesses below applies;
     * a ``VQModel`` config without ``scaling_factor``: 1.0, the scale of LDM's VQ first stages (CompVis'
       LatentDiffusion default; CompVis/ldm-celebahq-256), not diffusers' class default 0.18215, with which
       diffusers' LDMPipeline decodes such a model wrongly (diffusers issue #6725);
@@ -834,6 +834,8 @@ def _autoencoder_config(
         said = raw.get("scaling_factor", f"none (default {DIFFUSERS_DEFAULT_SCALING})")
         cfg["scaling_factor"] = float(scaling_factor)
         notes.append(f"{source}: scaling_factor {float(scaling_factor)} as given (the config says {said})")
+    elif trained_scale is not None and raw.get("scaling_factor") == trained_scale:
+        pass  # ddimctl trained the UNet at this scale: nothing to guess
     elif cls == "VQModel" and "scaling_factor" not in raw:
         cfg["scaling_factor"] = 1.0
         notes.append(
@@ -860,10 +862,11 @@ def _autoencoder_config(
 def _finish_autoencoder(
     ref: str, source: str, folder: Path, where: str, plan: _AutoencoderPlan, variant: str | None,
     scaling_factor: float | None, fetch: Fetch, variants: Callable[[Path], list[str]],
+    trained_scale: float | None = None,
 ) -> ResolvedAutoencoder:
     """Pick an autoencoder folder's weights (its variant when asked; else, or when it has none, the default
-    weights with a note) and apply the scaling policy."""
-    config, notes = _autoencoder_config(plan.raw, plan.source, scaling_factor)
+    weights with a note) and apply the scaling policy (``trained_scale``: see :func:`_autoencoder_config`)."""
+    config, notes = _autoencoder_config(plan.raw, plan.source, scaling_factor, trained_scale)
     weights = _find_weights(folder, variant) if variant is not None else None
     if weights is None:
         if variant is not None:

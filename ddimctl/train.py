@@ -105,9 +105,9 @@ class TrainConfig:
         if self.image_size % self.latent_factor:
             raise SettingError(("image_size", self.image_size), f"not divisible by {self.latent_factor}, the "
                                f"downsampling factor of the autoencoder {self.autoencoder}")
-        if self.autoencoder and not self.latent_channels:
-            pass  # the latents' size is known once the autoencoder is (load_frozen_autoencoder validates again)
-        elif self.sample_size % (2 ** (n_levels - 1)):
+        # a latent run's size is known once its autoencoder is (load_frozen_autoencoder validates again then)
+        size_known = not self.autoencoder or self.latent_channels
+        if size_known and self.sample_size % (2 ** (n_levels - 1)):
             what = f"its latents' size {self.sample_size}" if self.autoencoder else "it"
             raise SettingError(("image_size", self.image_size),
                                f"{what} must be divisible by {2 ** (n_levels - 1)} for {n_levels} resolution levels")
@@ -153,8 +153,8 @@ class TrainConfig:
             )
         return SamplerSettings.from_config({
             "num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
-            "prediction_type": self.objective, "clip_sample": not (self.autoencoder or self.class_conditional), "set_alpha_to_one": True,
-            "steps_offset": 1, "timestep_spacing": "leading",
+            "prediction_type": self.objective, "clip_sample": not (self.autoencoder or self.class_conditional),
+            "set_alpha_to_one": True, "steps_offset": 1, "timestep_spacing": "leading",
         })
 
 

@@ -68,8 +68,8 @@ def sample(
 
         x_given, x_prev, meta = load_latent_pair(latents)
         n = x_given.shape[0]
-        if spacing is None and schedule is None and recorded_spacing(meta) is not None:
-            spacing = recorded_spacing(meta)  # decode with the plan the latents were made with
+        if spacing is None and schedule is None and (recorded := recorded_spacing(meta)) is not None:
+            spacing = recorded  # decode with the plan the latents were made with
             rep.note(f"{latents}: spacing {spacing}, as recorded in the file")
     options = SamplingOptions(steps=schedule_steps(steps, schedule), eta=eta, sampler=sampler, spacing=spacing,
                               clip_sample=clip_sample, channels_last=channels_last, deterministic=deterministic,
