@@ -146,7 +146,7 @@ class TrainConfig:
         clipped to [-1, 1] for unconditional image models; not for latents, which have no such range, nor for
         class-conditional models: classifier-free guidance extrapolates x0 far outside [-1, 1] at high noise, and
         clipping it there without recomputing eps (diffusers' rule) derails the trajectory (on mnist-cond at w = 2:
-        55 % of samples in the requested class clipped, 100 % unclipped)."""
+        55 % of samples in the requested class clipped, 100 % unclipped: benchmarks/conditional.py --clip-sample)."""
         if self.objective == "flow":
             return SamplerSettings.from_config(
                 {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": self.num_train_timesteps}

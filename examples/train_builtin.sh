@@ -39,7 +39,8 @@ wait
 # 2.11.0+cu130), 6,500 steps of batch 128 in 395 s, side by side with three other candidates on the same GPU
 # (base channels 16 at batch 128 and at batch 64 / lr 5e-4, and base 24 at batch 256 / label dropout 0.15, which
 # was cut off before its last step). It was picked among the three complete runs by the share of guided samples
-# (w = 1..5, 100 samples, 25 steps, unclipped) that benchmarks/quality.py's classifier puts in the requested class:
+# (w = 1, 2, 3, 5; 100 samples, 25 steps, unclipped: what `benchmarks/conditional.py --parts sampling --samples 100
+# --steps 25 --clip-sample off --model CANDIDATE` measures) that benchmarks/quality.py's classifier puts in the requested class:
 # 100 % against 87-90 % (base 16, batch 64) and 95-96 % (base 16, batch 128) at w >= 2. The run's
 # scheduler_config.json said clip_sample: true; the shipped one says false, which is what
 # `train --class-conditional` writes since (clipping x0 under guidance breaks the trajectory: README, Built-in
