@@ -1,8 +1,8 @@
 """Few-step samplers and tuned schedules: error against exact answers, and sample quality of the built-in models.
 
-Part 1 (oracle): RMS error of x0 against the exact probability-flow ODE solution, for every sampler and spacing
-(and a schedule tuned on other noises, ``tune_plan`` with its defaults) at 5, 10, 20 and 50 calls, on four
-oracles with analytic optimal predictors:
+Part 1 (oracle): RMS error of x0 against the exact probability-flow ODE solution on 2048 noises, for every sampler
+and spacing (and a schedule tuned on 512 other noises, ``tune_plan`` with its defaults) at 5, 10, 20 and 50 calls,
+on four oracles with analytic optimal predictors:
 
 * Gaussian N(mu, 0.5^2 I) in 16 dimensions (closed-form ODE solution);
 * a Gaussian mixture, 8 components in 32 dimensions (``tests/oracles.py: MixtureOracle.random``; reference by
@@ -13,12 +13,16 @@ placement ``logsnr`` had before this release (S calls from t = T-1 to t = 0, nea
 mixture the RMS error of few-call samplers is dominated by the few samples that end in another component than
 the exact solution; the tables also give the median per-sample error and that count.
 
-Part 2 (model): on a built-in model, RMS error against a 1000-call reference (unipc, logsnr) on 32 held-out
-seeds, at 5 and 10 calls, each sampler with its default spacing and with a schedule tuned on 64 other seeds;
-and the share of 200 samples that the digit classifier of ``benchmarks/quality.py`` labels with confidence > 0.9,
-against DDIM at 50 calls (the model's own spacing).
+Part 2 (model): on a built-in model, without clipping x0 (with the checkpoint's ``clip_sample`` every sampler
+converges to a different limit: on mnist, clipped DDIM with 200 calls ends 0.24 RMS from clipped UniPC with 1000),
+RMS error against a 1000-call reference (unipc, logsnr) on 32 held-out seeds, at 5 and 10 calls, each sampler
+with its default spacing and with a schedule tuned on 64 other seeds;
+and the share of 200 samples (seeds 200000..) that the digit classifier of ``benchmarks/quality.py`` labels with
+confidence > 0.9, against DDIM at 50 calls (the model's own spacing). Every sampler also runs with the untuned
+spacings ``logsnr`` and ``trailing``, so that tuned schedules are compared with the best untuned one.
 
-    python benchmarks/samplers.py --part oracle            # a few minutes
+    python benchmarks/samplers.py --part oracle            # about 20 minutes on 2 cores
+    python benchmarks/samplers.py --part oracle --oracles mixture --train-noises 64   # tuned on fewer noises
     python benchmarks/samplers.py --part model --models mnist --cache .bench-cache
 """
 
@@ -73,7 +77,8 @@ def _components(oracle, x: torch.Tensor) -> torch.Tensor:
     return (oracle.log_w[None] - x.shape[1] * torch.log(oracle.stds)[None] - 0.5 * d).argmax(1)
 
 
-def oracle_part(n_eval: int = 512, n_train: int = 64, iterations: int = 20) -> dict:
+def oracle_part(n_eval: int = 2048, n_train: int = 512, iterations: int = 20,
+                which: tuple[str, ...] = ("gaussian", "mixture")) -> dict:
     from oracles import GaussianOracle, MixtureOracle
 
     results = {}
@@ -84,9 +89,12 @@ def oracle_part(n_eval: int = 512, n_train: int = 64, iterations: int = 20) -> d
         oracles = [("Gaussian, 16 dims", GaussianOracle(schedule, mu, 0.5, pt), 16),
                    ("mixture of 8 Gaussians, 32 dims", MixtureOracle.random(schedule, 8, 32, seed=0, prediction_type=pt), 32)]
         for name, oracle, dim in oracles:
+            if name.split(",")[0].split()[0].lower() not in which:
+                continue
             t0 = time.perf_counter()
-            gen = torch.Generator().manual_seed(1)
-            noises = torch.randn(n_train + n_eval, dim, generator=gen, dtype=torch.float64)
+            # training and held-out noises from two generators: the held-out set is the same whatever n_train
+            noises = torch.cat([torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+                                for n, seed in ((n_train, 1), (n_eval, 2))])
             start = make_plan(schedule, 2, "logsnr")
             exact = oracle.ode_solution(noises, start.a[0], start.b[0], 1.0, 0.0, **({"steps": 1000} if dim == 32 else {}))
             train, held = slice(0, n_train), slice(n_train, None)
@@ -96,7 +104,8 @@ def oracle_part(n_eval: int = 512, n_train: int = 64, iterations: int = 20) -> d
             mixture = isinstance(oracle, MixtureOracle)
             comp = _components(oracle, exact[held]) if mixture else None
             title = f"{name}, {'VP linear betas, epsilon' if kind == 'vp' else 'rectified flow, velocity'}"
-            print(f"\n### {title}: RMS error of x0 against the exact ODE solution ({n_eval} noises)\n")
+            print(f"\n### {title}: RMS error of x0 against the exact ODE solution ({n_eval} noises; tuned on "
+                  f"{n_train} others)\n")
             head = " | ".join(f"{n} calls" for n in CALLS)
             print(f"| sampler | spacing | {head} |\n|---|---|" + "---|" * len(CALLS))
             table = {}
@@ -172,14 +181,14 @@ def model_part(refs: list[str], cache: Path, n_quality: int, iterations: int, tu
           f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     results = {}
     for ref_name in refs:
-        base = Engine.load(ref_name, SamplingOptions(steps=10))
+        base = Engine.load(ref_name, SamplingOptions(steps=10, clip_sample=False))
         base.model.requires_grad_(False)
         schedule, den = base.settings.schedule(), base.denoiser
         eval_seeds = list(range(100000, 100032))
-        ref1000 = _cached(cache / f"{ref_name}_ref1000_{eval_seeds[0]}-{eval_seeds[-1]}.pt", lambda: reference_samples(
+        ref1000 = _cached(cache / f"{ref_name}_ref1000_{eval_seeds[0]}-{eval_seeds[-1]}_noclip.pt", lambda: reference_samples(
             den, schedule, base.noise(eval_seeds), "unipc", 1000, batch_size=32))
         train_seeds = list(range(64))
-        traj = _cached(cache / f"{ref_name}_traj200_0-63.pt", lambda: _traj_dict(reference_trajectory(
+        traj = _cached(cache / f"{ref_name}_traj200_0-63_noclip.pt", lambda: _traj_dict(reference_trajectory(
             den, schedule, base.noise(train_seeds), "unipc", 200, batch_size=64)))
         traj = Reference(traj["x0"], traj["plan"], traj["points"], traj["x0s"])
         noises = base.noise(eval_seeds)
@@ -188,29 +197,49 @@ def model_part(refs: list[str], cache: Path, n_quality: int, iterations: int, tu
         print("| sampler | schedule | 5 calls: error | 5 calls: confident | 10 calls: error | 10 calls: confident |")
         print("|---|---|---|---|---|---|")
         rows = {}
-        ddim50 = Engine(base.model, base.settings, SamplingOptions(steps=50), base.image_shape)
+        ddim50 = _engine(base, steps=50)
         q50 = _confident(net, ddim50.denoiser, ddim50.plan, "ddim", ddim50, n_quality)
         e50 = plan_error(den, ddim50.plan, "ddim", noises, ref1000)
         print(f"| ddim | {ddim50.spacing}, 50 calls | {e50:.3e} | {100 * q50:.1f} % | | |", flush=True)
         for sampler in SAMPLERS:
-            for which in ("default", "tuned"):
+            default = _engine(base, steps=5, sampler=sampler).spacing
+            for which in ("default", *(sp for sp in ("logsnr", "trailing") if sp != default), "tuned"):
                 if which == "tuned" and sampler not in tuned_samplers:
                     continue
                 cells = []
                 for n in (5, 10):
-                    eng = Engine(base.model, base.settings, SamplingOptions(steps=n, sampler=sampler), base.image_shape)
-                    plan, label = eng.plan, eng.spacing
+                    spacing = None if which in ("default", "tuned") else which
+                    eng = _engine(base, steps=n, sampler=sampler, spacing=spacing)
+                    plan, label = eng.plan, eng.spacing + (" (default)" if which == "default" else "")
                     if which == "tuned":
-                        plan = _cached(cache / f"{ref_name}_{sampler}_{n}_tuned{iterations}.pt", lambda: tune_plan(
+                        plan = _cached(cache / f"{ref_name}_{sampler}_{n}_tuned{iterations}_noclip.pt", lambda: tune_plan(
                             den, schedule, n, sampler, base.noise(train_seeds), traj, iterations=iterations, batch_size=64))
                         label = f"tuned ({iterations} it.)"
                     err = plan_error(den, plan, sampler, noises, ref1000)
-                    cells += [f"{err:.3e}", f"{100 * _confident(net, den, plan, sampler, eng, n_quality):.1f} %"]
-                    rows[(sampler, which, n)] = err
+                    conf = _confident(net, den, plan, sampler, eng, n_quality)
+                    cells += [f"{err:.3e}", f"{100 * conf:.1f} %"]
+                    rows[(sampler, which, n)] = (err, conf)
                 print(f"| {sampler} | {label} | " + " | ".join(cells) + " |", flush=True)
+        print()
+        for n in (5, 10):
+            gains = []
+            for sampler in tuned_samplers:
+                untuned = min(e for (s, w, k), (e, _) in rows.items() if s == sampler and k == n and w != "tuned")
+                tuned_err, tuned_conf = rows[(sampler, "tuned", n)]
+                gains.append(f"{sampler} {untuned / tuned_err:.2f}x (confident {100 * tuned_conf:.1f} %)")
+            best_u = min((e, s, w) for (s, w, k), (e, _) in rows.items() if k == n and w != "tuned")
+            print(f"- {n} calls: tuned vs the same sampler's best untuned spacing: {', '.join(gains)}; best untuned "
+                  f"{best_u[1]}/{best_u[2]} {best_u[0]:.3e}; DDIM at 50: {e50:.3e}, confident {100 * q50:.1f} %")
         results[ref_name] = {"ddim50": (e50, q50), "rows": rows}
     print(f"\n({time.perf_counter() - t0:.0f} s in all)", file=sys.stderr)
     return results
+
+
+def _engine(base, **options):
+    """An engine on ``base``'s model with these sampling options, without clipping."""
+    from ddimctl.pipeline import Engine, SamplingOptions
+
+    return Engine(base.model, base.settings, SamplingOptions(clip_sample=False, **options), base.image_shape)
 
 
 def _traj_dict(ref: Reference) -> dict:
@@ -225,11 +254,14 @@ def _cached(path: Path, make):
     return value
 
 
+SEED0 = 200000  # the quality samples' seeds: apart from the tuning (0..63) and error (100000..) seeds
+
+
 @torch.no_grad()
 def _confident(net, den, plan, sampler, engine, n: int, batch: int = 50) -> float:
     probs = []
     for start in range(0, n, batch):
-        x_T = engine.noise(list(range(start, min(n, start + batch))))
+        x_T = engine.noise(list(range(SEED0 + start, SEED0 + min(n, start + batch))))
         x0 = sample(den, x_T, plan, sampler)
         probs.append(torch.softmax(net(x0.clamp(-1, 1).float()), 1))
     return float((torch.cat(probs).max(1).values > 0.9).double().mean())
@@ -243,9 +275,12 @@ def main() -> None:
     ap.add_argument("--quality-samples", type=int, default=200)
     ap.add_argument("--iterations", type=int, default=20, help="LD3 iterations of the tuned schedules")
     ap.add_argument("--tuned-samplers", default="unipc,ipndm")
+    ap.add_argument("--oracles", default="gaussian,mixture", help="which oracles (part oracle)")
+    ap.add_argument("--train-noises", type=int, default=512, help="noises the oracles' schedules are tuned on")
+    ap.add_argument("--eval-noises", type=int, default=2048, help="held-out noises the oracles' errors are measured on")
     args = ap.parse_args()
     if args.part in ("oracle", "all"):
-        oracle_part(iterations=args.iterations)
+        oracle_part(args.eval_noises, args.train_noises, args.iterations, tuple(args.oracles.split(",")))
     if args.part in ("model", "all"):
         model_part(args.models.split(","), args.cache, args.quality_samples, args.iterations, args.tuned_samplers.split(","))
 

@@ -298,18 +298,25 @@ def cheapest_path(cost: np.ndarray, steps: int, discount: float = 1.0) -> list[i
 
 @dataclass
 class TuneReport:
-    """What :func:`tune_plan` did: the training RMS error of the initial plan and of the best one, the error per
-    gradient iteration (of the plan before that iteration's update) and the model calls spent (a forward with
-    its backward counts as one; the reference's calls are not counted)."""
+    """What :func:`tune_plan` did: the training RMS error of the initial plan and of the best one, which candidate
+    started (``init``) and each candidate's error, the error per gradient iteration (of the plan before that
+    iteration's update) and the model calls spent (a forward with its backward counts as one; the reference's
+    calls and the candidates' evaluations are not counted)."""
 
     initial_error: float = math.nan
     best_error: float = math.nan
+    init: str | None = None
+    init_errors: dict[str, float] = field(default_factory=dict)
     best_iteration: int = -1
     losses: list[float] = field(default_factory=list)
     model_calls: int = 0
 
 
 METHODS = ("ld3", "gits")
+#: The plans LD3 may start from (the best on the training noises starts): GITS' choice among the reference's steps
+#: and two untuned spacings. On a Gaussian-mixture oracle GITS starts best for some samplers and call counts,
+#: trailing or logsnr for others (benchmarks/samplers.py).
+DEFAULT_INITS = ("gits", "logsnr", "trailing")
 
 
 def tune_plan(
@@ -338,8 +345,10 @@ def tune_plan(
       trajectory): no gradient and no model call beyond the reference's;
     * ``"ld3"``: Adam on theta (module notes) for ``iterations`` steps of learning rate ``lr``, the loss being the
       mean squared error over all values, its gradient taken through the S-call sampler (model times included);
-      from ``init`` (a spacing name or a plan; default the GITS plan when the trajectory is known, else ``logsnr``).
-      The plan with the lowest training error seen is returned, the initial one included.
+      from ``init``: a spacing name, ``"gits"`` or a plan, or a list of them, of which the one with the lowest
+      training error starts (default: :data:`DEFAULT_INITS`, GITS only where the trajectory is known). The plan
+      with the lowest training error seen is returned, the initial one included, so the result is never worse on
+      the training noises than any of the candidates.
 
     ``batch_size``: noises per forward/backward (gradients are summed over all K each iteration). ``callback``
     gets ``phase`` ("reference" or "tuning"), ``step`` and ``total``, and ``error`` while tuning. Freeze the
@@ -355,23 +364,36 @@ def tune_plan(
         reference = reference_trajectory(denoise, schedule, noises, batch_size=batch_size, callback=progress)
     ref_x0 = reference.x0 if isinstance(reference, Reference) else reference
     has_trajectory = isinstance(reference, Reference) and len(reference.points) > 0
-    if method == "gits" or (init is None and has_trajectory):
+    if method == "gits":
         if not has_trajectory:
             raise ValueError("GITS needs the reference's trajectory (a Reference from reference_trajectory)")
         gits = plan_from_lambdas(schedule, gits_lambdas(reference, steps))
-        if method == "gits":
-            report.initial_error = report.best_error = plan_error(denoise, gits, sampler, noises, ref_x0, batch_size)
-            return gits
-        init = gits
-    init_plan = make_plan(schedule, steps, init or "logsnr") if isinstance(init, (str, type(None))) else init
-    if len(init_plan) != steps:
-        raise ValueError(f"the initial plan has {len(init_plan)} calls, not {steps}")
+        report.init = "gits"
+        report.initial_error = report.best_error = plan_error(denoise, gits, sampler, noises, ref_x0, batch_size)
+        return gits
+    if init is None:
+        init = [c for c in DEFAULT_INITS if c != "gits" or has_trajectory]
+    candidates = list(init) if isinstance(init, (list, tuple)) else [init]
+    if not candidates:
+        raise ValueError("tune_plan needs at least one initial plan")
+    for i, cand in enumerate(candidates):
+        if cand == "gits":
+            if not has_trajectory:
+                raise ValueError("GITS needs the reference's trajectory (a Reference from reference_trajectory)")
+            plan = plan_from_lambdas(schedule, gits_lambdas(reference, steps))
+        else:
+            plan = make_plan(schedule, steps, cand) if isinstance(cand, str) else detach_plan(cand)
+        if len(plan) != steps:
+            raise ValueError(f"the initial plan has {len(plan)} calls, not {steps}")
+        name = cand if isinstance(cand, str) else f"plan {i}"
+        report.init_errors[name] = plan_error(denoise, plan, sampler, noises, ref_x0, batch_size)
+        if report.init is None or report.init_errors[name] < report.initial_error:
+            report.init, report.initial_error, best_plan = name, report.init_errors[name], plan
+    report.best_error = report.initial_error
     params = PlanParameters(schedule, steps)
-    best_plan = detach_plan(init_plan)
-    report.initial_error = report.best_error = plan_error(denoise, best_plan, sampler, noises, ref_x0, batch_size)
     if steps == 1:  # nothing to tune: one call at the start, one step to the clean end
         return best_plan
-    theta = params.theta_from_lambdas(plan_lambdas(init_plan)).to(noises.device).requires_grad_(True)
+    theta = params.theta_from_lambdas(plan_lambdas(best_plan)).to(noises.device).requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)
     n_values = noises.numel()
     for it in range(iterations):
@@ -443,7 +465,7 @@ def tune_engine(
                                    callback=_phase(callback, "reference"))
         report = TuneReport()
         plan = tune_plan(denoise, schedule, steps, sampler, noises, ref, method=method, iterations=iterations,
-                         batch_size=batch_size, callback=callback, report=report)
+                         init=[*DEFAULT_INITS, engine.plan], batch_size=batch_size, callback=callback, report=report)
         errors = {"train": {"tuned": plan_error(denoise, plan, sampler, noises, ref.x0, batch_size),
                             "untuned": plan_error(denoise, engine.plan, sampler, noises, ref.x0, batch_size)}}
         if len(heldout_seeds):
@@ -456,10 +478,14 @@ def tune_engine(
         for p in frozen:
             p.requires_grad_(True)
     ref_name, revision = model_identity(engine.source)
+    own = {f"plan {len(DEFAULT_INITS)}": f"{engine.spacing} (untuned)"}  # the engine's plan among the candidates
     tuning = {
         "method": method, "iterations": iterations if method == "ld3" else 0,
         "reference": {"sampler": REFERENCE_SAMPLER, "steps": reference_steps, "spacing": "logsnr"},
+        "clip_sample": bool(engine.settings.clip_sample),
         "untuned_spacing": engine.spacing, "seeds": list(seeds), "heldout_seeds": list(heldout_seeds),
+        "init": own.get(report.init, report.init),
+        "init_errors": {own.get(k, k): v for k, v in report.init_errors.items()},
         "initial_error": report.initial_error, "losses": report.losses,
     }
     return TunedSchedule.from_plan(plan, ref_name or "", revision, sampler, engine.settings.kind,

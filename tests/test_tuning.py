@@ -134,11 +134,36 @@ def test_gits_picks_steps_of_the_reference_and_tune_plan_starts_from_it(gaussian
     assert report.best_error == pytest.approx(plan_error(den, gits, "unipc", noises[:16], ref.x0))
     report = TuneReport()
     tuned = tune_plan(den, s, 6, "unipc", noises[:16], ref, iterations=5, report=report)
-    assert report.initial_error == pytest.approx(plan_error(den, gits, "unipc", noises[:16], ref.x0))
+    assert set(report.init_errors) == {"gits", "logsnr", "trailing"}
+    assert report.init_errors["gits"] == pytest.approx(plan_error(den, gits, "unipc", noises[:16], ref.x0))
+    assert report.init_errors["trailing"] == pytest.approx(
+        plan_error(den, make_plan(s, 6, "trailing"), "unipc", noises[:16], ref.x0))
+    assert report.initial_error == min(report.init_errors.values()) == report.init_errors[report.init]
     assert plan_error(den, tuned, "unipc", noises[:16], ref.x0) == pytest.approx(report.best_error)
     assert report.best_error <= report.initial_error
     with pytest.raises(ValueError, match="trajectory"):
         tune_plan(den, s, 6, "unipc", noises[:16], ref.x0, method="gits")
+
+
+def test_tune_plan_starts_from_the_best_candidate_and_never_ends_worse_than_it(gaussian_setup):
+    """Candidates may be spacings or plans; the best on the training noises starts, and zero iterations return it."""
+    mu, noises = gaussian_setup
+    s = vp_schedule()
+    den = Denoiser(GaussianOracle(s, mu, 0.5))
+    ref = reference_trajectory(den, s, noises[:16], "unipc", 30)
+    leading = make_plan(s, 4, "leading", 1)
+    errors = {sp: plan_error(den, p, "ipndm", noises[:16], ref.x0)
+              for sp, p in (("leading", leading), ("logsnr", make_plan(s, 4, "logsnr")))}
+    report = TuneReport()
+    plan = tune_plan(den, s, 4, "ipndm", noises[:16], ref, init=[leading, "logsnr"], iterations=0, report=report)
+    best = min(errors, key=errors.get)
+    assert report.init == ("plan 0" if best == "leading" else "logsnr")
+    assert report.initial_error == pytest.approx(errors[best])
+    assert plan_error(den, plan, "ipndm", noises[:16], ref.x0) == pytest.approx(errors[best])
+    with pytest.raises(ValueError, match="at least one"):
+        tune_plan(den, s, 4, "ipndm", noises[:16], ref, init=[])
+    with pytest.raises(ValueError, match="trajectory"):
+        tune_plan(den, s, 4, "ipndm", noises[:16], ref.x0, init="gits")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,6 +252,9 @@ def test_tune_writes_a_schedule_with_its_errors(tuned):
     assert set(sched.errors) == {"train", "heldout"} and set(sched.errors["train"]) == {"tuned", "untuned"}
     assert sched.tuning["seeds"] == [0, 1, 2, 3] and sched.tuning["heldout_seeds"] == [4, 5]
     assert sched.errors["train"]["tuned"] <= sched.errors["train"]["untuned"] + 1e-12
+    assert set(sched.tuning["init_errors"]) == {"gits", "logsnr", "trailing", "logsnr (untuned)"}
+    assert sched.tuning["initial_error"] == min(sched.tuning["init_errors"].values())
+    assert sched.tuning["init_errors"][sched.tuning["init"]] == sched.tuning["initial_error"]
     assert cli("tune", "-m", tiny, "--out", files["unipc"]).exit_code == 1  # no silent overwrite
 
 

@@ -74,6 +74,9 @@ def tune(
             bar.__exit__(None, None, None)
     save_schedule(out, tuned)
     rep.output(out)
+    if method == "ld3":
+        rep.note(f"LD3 started from {tuned.tuning['init']} (train error {tuned.tuning['initial_error']:.3g}), the best "
+                 f"of {', '.join(tuned.tuning['init_errors'])}")
     for part, errs in tuned.errors.items():
         rep.note(f"{part} ({len(seeds) if part == 'train' else len(held)} noises): RMS error against the "
                  f"{reference_steps}-call reference {errs['tuned']:.3g} tuned, {errs['untuned']:.3g} with "
