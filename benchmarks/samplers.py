@@ -86,11 +86,13 @@ def oracle_part(n_eval: int = 2048, n_train: int = 512, iterations: int = 20,
         schedule, pt = (vp_schedule(), "epsilon") if kind == "vp" else (flow_schedule(), "flow")
         g = torch.Generator().manual_seed(0)
         mu = torch.randn(16, generator=g, dtype=torch.float64)
-        oracles = [("Gaussian, 16 dims", GaussianOracle(schedule, mu, 0.5, pt), 16),
-                   ("mixture of 8 Gaussians, 32 dims", MixtureOracle.random(schedule, 8, 32, seed=0, prediction_type=pt), 32)]
-        for name, oracle, dim in oracles:
-            if name.split(",")[0].split()[0].lower() not in which:
+        oracles = [("gaussian", "Gaussian, 16 dims", lambda: GaussianOracle(schedule, mu, 0.5, pt), 16),
+                   ("mixture", "mixture of 8 Gaussians, 32 dims",
+                    lambda: MixtureOracle.random(schedule, 8, 32, seed=0, prediction_type=pt), 32)]
+        for key, name, make_oracle, dim in oracles:
+            if key not in which:
                 continue
+            oracle = make_oracle()
             t0 = time.perf_counter()
             # training and held-out noises from two generators: the held-out set is the same whatever n_train
             noises = torch.cat([torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

@@ -364,13 +364,8 @@ def tune_plan(
         reference = reference_trajectory(denoise, schedule, noises, batch_size=batch_size, callback=progress)
     ref_x0 = reference.x0 if isinstance(reference, Reference) else reference
     has_trajectory = isinstance(reference, Reference) and len(reference.points) > 0
-    if method == "gits":
-        if not has_trajectory:
-            raise ValueError("GITS needs the reference's trajectory (a Reference from reference_trajectory)")
-        gits = plan_from_lambdas(schedule, gits_lambdas(reference, steps))
-        report.init = "gits"
-        report.initial_error = report.best_error = plan_error(denoise, gits, sampler, noises, ref_x0, batch_size)
-        return gits
+    if method == "gits":  # GITS' plan as it is: the only candidate, no gradient step
+        init, iterations = "gits", 0
     if init is None:
         init = [c for c in DEFAULT_INITS if c != "gits" or has_trajectory]
     candidates = list(init) if isinstance(init, (list, tuple)) else [init]
@@ -464,8 +459,9 @@ def tune_engine(
         ref = reference_trajectory(denoise, schedule, noises, REFERENCE_SAMPLER, reference_steps, batch_size,
                                    callback=_phase(callback, "reference"))
         report = TuneReport()
+        inits = [*DEFAULT_INITS, engine.plan]
         plan = tune_plan(denoise, schedule, steps, sampler, noises, ref, method=method, iterations=iterations,
-                         init=[*DEFAULT_INITS, engine.plan], batch_size=batch_size, callback=callback, report=report)
+                         init=inits, batch_size=batch_size, callback=callback, report=report)
         errors = {"train": {"tuned": plan_error(denoise, plan, sampler, noises, ref.x0, batch_size),
                             "untuned": plan_error(denoise, engine.plan, sampler, noises, ref.x0, batch_size)}}
         if len(heldout_seeds):
@@ -478,7 +474,7 @@ def tune_engine(
         for p in frozen:
             p.requires_grad_(True)
     ref_name, revision = model_identity(engine.source)
-    own = {f"plan {len(DEFAULT_INITS)}": f"{engine.spacing} (untuned)"}  # the engine's plan among the candidates
+    own = {f"plan {len(inits) - 1}": f"{engine.spacing} (untuned)"}  # tune_plan's name for the engine's plan
     tuning = {
         "method": method, "iterations": iterations if method == "ld3" else 0,
         "reference": {"sampler": REFERENCE_SAMPLER, "steps": reference_steps, "spacing": "logsnr"},
