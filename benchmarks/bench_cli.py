@@ -76,7 +76,7 @@ def make_model(directory: Path) -> Path:
 
     from ddimctl.checkpoint import save
     from ddimctl.train import TrainConfig
-    from ddimctl.unet import UNet2DModel
+    from ddimctl.nets.unet2d import UNet2DModel
 
     cfg = TrainConfig(data="mnist", base_channels=16, channel_mult=(1, 2, 4), layers_per_block=1,
                       attention_resolutions=(8,), norm_num_groups=8)

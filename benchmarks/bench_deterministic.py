@@ -29,7 +29,7 @@ CIFAR10_32 = {
 def engine(name: str, options):
     from ddimctl.pipeline import Engine
     from ddimctl.settings import SamplerSettings
-    from ddimctl.unet import UNet2DModel
+    from ddimctl.nets.unet2d import UNet2DModel
 
     if name != "cifar10-32":
         return Engine.load(name, options)

@@ -102,7 +102,7 @@ def load_into_ddimctl(directory: str, device: torch.device, dtype: torch.dtype):
     from safetensors.torch import load_file
 
     from ddimctl.settings import SamplerSettings
-    from ddimctl.unet import UNet2DModel
+    from ddimctl.nets.unet2d import UNet2DModel
 
     model = UNet2DModel.from_config(json.loads((Path(directory) / "config.json").read_text()))
     model.load_state_dict(load_file(str(Path(directory) / "diffusion_pytorch_model.safetensors")))

@@ -46,7 +46,7 @@ def main() -> None:
     import diffusers
 
     from ddimctl.train import TrainConfig, train, training_example
-    from ddimctl.unet import UNet2DModel
+    from ddimctl.nets.unet2d import UNet2DModel
 
     W, N = args.warmup, args.steps
     cfg = TrainConfig(

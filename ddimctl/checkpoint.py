@@ -290,7 +290,7 @@ def _check_components(p: PipelineIndex) -> None:
     for key in present:
         cls = p.components[key][1]
         if cls not in AUTOENCODER_CLASSES:
-            from .autoencoder import autoencoder_from_config
+            from .nets.autoencoders import autoencoder_from_config
 
             autoencoder_from_config({"_class_name": cls}, f"{where} (component {key})")  # raises, naming the class
     for key, entry in p.components.items():
@@ -371,7 +371,7 @@ class ResolvedAutoencoder:
 class Resolved:
     """What a model reference points to, before any weights are read.
 
-    ``model_config``: the UNet config, validated and complete (``ddimctl.unet.normalize_config``);
+    ``model_config``: the UNet config, validated and complete (``ddimctl.nets.unet2d.normalize_config``);
     ``scheduler_config``: the raw diffusers scheduler config ({} when there is none: defaults apply);
     ``meta``: ddimctl's own metadata ({} when absent); ``revision``: the 40-hex commit for Hub refs, else None.
     ``config_source``/``scheduler_source`` name where the configs came from, for messages.
@@ -821,7 +821,7 @@ def _autoencoder_config(
     """
     import torch as _torch
 
-    from .autoencoder import autoencoder_from_config
+    from .nets.autoencoders import autoencoder_from_config
 
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
@@ -1149,7 +1149,7 @@ _OTHER_MODEL_CLASSES = {
 
 def _model_config(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Validate a UNet config (errors are ConfigError prefixed with ``source``)."""
-    from .unet import normalize_config
+    from .nets.unet2d import normalize_config
 
     cls = raw.get("_class_name")
     if cls is not None and cls != "UNet2DModel":
@@ -1334,7 +1334,7 @@ def load(
 
     ``autoencoder_scaling_factor`` overrides the autoencoder's latent scale (see the module docstring).
     """
-    from .unet import UNet2DModel, count_parameters
+    from .nets.unet2d import UNet2DModel, count_parameters
 
     pair = autoencoder if not isinstance(autoencoder, bool) else None
     if isinstance(ref, Resolved):
@@ -1383,7 +1383,7 @@ def load_autoencoder(
 ) -> torch.nn.Module:
     """Load a resolved autoencoder (see :func:`resolve_autoencoder`) from safetensors with strict key and shape
     checks, cast to ``dtype`` on ``device``, in eval mode; its config (scaling included) is ``ae.config``."""
-    from .autoencoder import autoencoder_from_config
+    from .nets.autoencoders import autoencoder_from_config
 
     return _load_module(lambda: autoencoder_from_config(ae.config, ae.config_source), list(ae.weights.files),
                         ae.weights.index, dtype, device)
@@ -1394,7 +1394,7 @@ def _load_module(
     device: torch.device | str,
 ) -> torch.nn.Module:
     """Build a module on the meta device, adopt the weights of ``files`` (strict), cast, move, eval."""
-    from .unet import convert_legacy_attention_keys
+    from .nets.unet2d import convert_legacy_attention_keys
 
     with torch.device("meta"):  # no random init: the weights come from the file
         model = build()
@@ -1530,7 +1530,7 @@ def save(
     an existing ``out_dir`` is an :class:`~ddimctl.errors.OutputExistsError` unless ``overwrite``). A torch.compile
     or DDP wrapper is unwrapped. Returns ``out_dir``.
 
-    With an ``autoencoder`` (a :mod:`ddimctl.autoencoder` model whose latents ``model`` works on) the directory is a
+    With an ``autoencoder`` (a :mod:`ddimctl.nets.autoencoders` model whose latents ``model`` works on) the directory is a
     latent pipeline that loads as one model: ``model_index.json`` (``LDMPipeline``), ``unet/``, ``scheduler/``,
     the autoencoder's config (its ``scaling_factor`` the one it encodes with) and weights in ``vqvae/`` (or
     ``vae/``, see :func:`autoencoder_component`), and ``ddimctl.json`` at the root."""

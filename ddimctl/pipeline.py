@@ -141,7 +141,7 @@ class Engine:
     images it makes and takes; ``source``: where the model came from (a :class:`ddimctl.checkpoint.Resolved`), for
     provenance records.
 
-    Latent diffusion: with an ``autoencoder`` (:mod:`ddimctl.autoencoder`: ``encode(images) -> latents``,
+    Latent diffusion: with an ``autoencoder`` (:mod:`ddimctl.nets.autoencoders`: ``encode(images) -> latents``,
     ``decode(latents) -> images``, scaled as diffusers' pipelines scale them) the sampler works on latents of
     ``latent_shape`` (the UNet's), x_T is a latent, and :meth:`generate` / :meth:`decode` return decoded images while
     :meth:`invert` encodes its images first.

@@ -241,7 +241,7 @@ def init_weights(model: torch.nn.Module, cfg: TrainConfig, autoencoder: FrozenAu
     (``autoencoder``) may start from a latent checkpoint with the same autoencoder (weights and scale), a pixel run
     not from a latent one."""
     from .checkpoint import load, resolve
-    from .unet import normalize_config
+    from .nets.unet2d import normalize_config
 
     r = resolve(cfg.init)
     if r.autoencoder is not None and autoencoder is None:
@@ -455,7 +455,7 @@ def train(
     from .devices import rank_world
     from .fsutil import check_writable_dir
     from .images import save_png
-    from .unet import UNet2DModel
+    from .nets.unet2d import UNet2DModel
 
     if autoencoder is not None and not cfg.autoencoder:
         raise ValueError("an autoencoder was given for a run whose config names none (cfg.autoencoder)")

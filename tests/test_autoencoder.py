@@ -1,4 +1,4 @@
-"""ddimctl.autoencoder against diffusers' AutoencoderKL and VQModel: same state_dict keys, same numbers, the
+"""ddimctl.nets.autoencoders against diffusers' AutoencoderKL and VQModel: same state_dict keys, same numbers, the
 pipelines' latent scaling, config checks and refusals."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from ddimctl.autoencoder import (
+from ddimctl.nets.autoencoders import (
     KL_DEFAULT_CONFIG,
     VQ_DEFAULT_CONFIG,
     AutoencoderKL,
@@ -19,7 +19,7 @@ from ddimctl.autoencoder import (
     normalize_vq_config,
 )
 from ddimctl.errors import ConfigError
-from ddimctl.unet import convert_legacy_attention_keys
+from ddimctl.nets.unet2d import convert_legacy_attention_keys
 
 # CompVis/ldm-celebahq-256 vqvae/config.json as on the Hub's main branch (commit 03978f2, "upload new weights").
 # It has no scaling_factor, so diffusers fills in VQModel's default 0.18215 (see test_ldm_pipeline_scaling).
@@ -375,7 +375,7 @@ def test_saved_config_loads_in_diffusers(diffusers, config):
 
 def test_legacy_attention_keys_load():
     """Pre-0.14 diffusers checkpoints (as the 2022 LDM uploads) name the mid-block attention query/key/value/
-    proj_attn; ddimctl.unet's converter maps them for the autoencoders too."""
+    proj_attn; ddimctl.nets.unet2d's converter maps them for the autoencoders too."""
     model = autoencoder_from_config({**VQ_TINY["plain"]})
     state = model.state_dict()
     renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}

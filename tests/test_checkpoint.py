@@ -24,7 +24,7 @@ from ddimctl.checkpoint import (
 from ddimctl.cli.errors import error_line
 from ddimctl.errors import ConfigError, ModelError, OutputError
 from ddimctl.settings import SamplerSettings
-from ddimctl.unet import UNet2DModel
+from ddimctl.nets.unet2d import UNet2DModel
 
 from hubcache import add_snapshot, offline_cache
 

@@ -16,7 +16,7 @@ from ddimctl.checkpoint import save
 from ddimctl.pipeline import Engine, SamplingOptions
 from ddimctl.prediction import Denoiser
 from ddimctl.settings import SamplerSettings
-from ddimctl.unet import UNet2DModel
+from ddimctl.nets.unet2d import UNet2DModel
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 ENV.pop("DDIMCTL_DEBUG", None)

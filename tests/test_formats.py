@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 
 from ddimctl import checkpoint
-from ddimctl.autoencoder import VQModel as OurVQModel
+from ddimctl.nets.autoencoders import VQModel as OurVQModel
 from ddimctl.checkpoint import Resolved, resolve, resolve_autoencoder
 from ddimctl.errors import ConfigError, ModelError
 

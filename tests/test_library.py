@@ -18,7 +18,7 @@ from ddimctl.prediction import Denoiser
 from ddimctl.sampler import sample
 from ddimctl.schedule import make_plan, vp_schedule
 from ddimctl.settings import SamplerSettings
-from ddimctl.unet import UNet2DModel
+from ddimctl.nets.unet2d import UNet2DModel
 
 TINY = {
     "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16], "layers_per_block": 1,

@@ -10,7 +10,7 @@ from ddimctl.perf import CompiledWithFallback, prepare_model
 from ddimctl.pipeline import Engine, SamplingOptions
 from ddimctl.sampler import make_generators, sample_ddim, sample_dpmpp_2m, sample_dpmpp_3m, sample_ipndm, sample_unipc
 from ddimctl.settings import SamplerSettings
-from ddimctl.unet import UNet2DModel
+from ddimctl.nets.unet2d import UNet2DModel
 
 from hostreads import cuda_sync_check, record_host_reads
 

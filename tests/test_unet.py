@@ -1,4 +1,4 @@
-"""ddimctl.unet against diffusers' UNet2DModel: same state_dict keys and shapes, same outputs, config checks."""
+"""ddimctl.nets.unet2d against diffusers' UNet2DModel: same state_dict keys and shapes, same outputs, config checks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddimctl.errors import ConfigError
-from ddimctl.unet import (
+from ddimctl.nets.unet2d import (
     DEFAULT_CONFIG,
     UNet2DModel,
     convert_legacy_attention_keys,

@@ -1,4 +1,4 @@
-"""ddimctl.unet's UNet2DModel options beyond the DDPM subset, each against diffusers' UNet2DModel.
+"""ddimctl.nets.unet2d's UNet2DModel options beyond the DDPM subset, each against diffusers' UNet2DModel.
 
 Every option is checked the same way: a diffusers model with random weights (every parameter re-drawn from a
 normal law, so nothing is trivially zero or one) is saved with ``save_pretrained`` as safetensors, loaded into ours
@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-import ddimctl.unet as unet_module
+import ddimctl.nets.unet2d as unet_module
 from ddimctl.errors import ConfigError
-from ddimctl.unet import DEFAULT_CONFIG, UNet2DModel, count_parameters
+from ddimctl.nets.unet2d import DEFAULT_CONFIG, UNet2DModel, count_parameters
 
 BASE = {
     "sample_size": 8,

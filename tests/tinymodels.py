@@ -26,7 +26,7 @@ def make_tiny_model(out: Path, channels: int = 1, size: int = 8, seed: int = 0, 
     """Save a random tiny UNet (weights scaled down, so its predictions are small and smooth) to ``out``."""
     from ddimctl.checkpoint import save
     from ddimctl.settings import SamplerSettings
-    from ddimctl.unet import UNet2DModel
+    from ddimctl.nets.unet2d import UNet2DModel
 
     torch.manual_seed(seed)
     model = UNet2DModel.from_config({**TINY_UNET, "in_channels": channels, "out_channels": channels, "sample_size": size})

@@ -43,7 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .layers import (
+    ACTIVATIONS, Attention, Downsample2D, Upsample2D, act, activation, fmt, in_place_ok, is_int, is_number,
+    upsample_nearest,
+)
 
 __all__ = [
     "UNet2DModel",
@@ -60,15 +64,6 @@ TIME_EMBEDDING_TYPES = ("positional", "fourier", "learned")
 RESNET_TIME_SCALE_SHIFTS = ("default", "scale_shift")
 RESAMPLE_TYPES = ("conv", "resnet")  # downsample_type / upsample_type (they only change the Attn* blocks)
 CLASS_EMBED_TYPES = (None, "timestep", "identity")
-
-# diffusers' ``get_activation`` table (the name is matched case-insensitively there too).
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "swish": nn.SiLU,
-    "silu": nn.SiLU,
-    "mish": nn.Mish,
-    "gelu": nn.GELU,
-    "relu": nn.ReLU,
-}
 
 # diffusers' ``UNet2DModel.__init__`` defaults, in its argument order (the order config.json is written in).
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -107,27 +102,6 @@ DEFAULT_CONFIG: dict[str, Any] = {
 # config validation
 
 
-def _fmt(value: Any) -> str:
-    """A config value as it reads in a message: strings quoted, JSON-ish otherwise."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple):
-        value = list(value)
-    return repr(value)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    if isinstance(v, float):
-        return math.isfinite(v)
-    return _is_int(v)
-
-
 def normalize_config(config: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
     """Validate a diffusers ``UNet2DModel`` config and return it complete, with diffusers' defaults filled in.
 
@@ -149,7 +123,7 @@ def normalize_config(config: Mapping[str, Any], source: str = "config.json") -> 
         if key.startswith("_"):
             continue  # metadata diffusers writes (_class_name, _diffusers_version, _name_or_path, ...)
         if key not in DEFAULT_CONFIG:
-            raise fail(f"unsupported key '{key}' (value {_fmt(value)}) for UNet2DModel")
+            raise fail(f"unsupported key '{key}' (value {fmt(value)}) for UNet2DModel")
         cfg[key] = value
     out: dict[str, Any] = {"_class_name": "UNet2DModel"}
     for key, default in DEFAULT_CONFIG.items():
@@ -159,20 +133,20 @@ def normalize_config(config: Mapping[str, Any], source: str = "config.json") -> 
     def choice(key: str, supported: tuple) -> None:
         value = out[key]
         if value not in supported or isinstance(value, bool):
-            names = ", ".join(_fmt(s) if s is None else str(s) for s in supported)
-            raise fail(f"unsupported {key} {_fmt(value)} (supported: {names})")
+            names = ", ".join(fmt(s) if s is None else str(s) for s in supported)
+            raise fail(f"unsupported {key} {fmt(value)} (supported: {names})")
 
     def positive_int(key: str, *, nullable: bool = False) -> None:
         value = out[key]
         if value is None and nullable:
             return
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             what = "a positive integer or null" if nullable else "a positive integer"
-            raise fail(f"{key} must be {what}, got {_fmt(value)}")
+            raise fail(f"{key} must be {what}, got {fmt(value)}")
 
     def boolean(key: str) -> None:
         if not isinstance(out[key], bool):
-            raise fail(f"{key} must be true or false, got {_fmt(out[key])}")
+            raise fail(f"{key} must be true or false, got {fmt(out[key])}")
 
     # refused features first: their names are the most useful thing to report
     choice("time_embedding_type", TIME_EMBEDDING_TYPES)
@@ -185,22 +159,22 @@ def normalize_config(config: Mapping[str, Any], source: str = "config.json") -> 
     for key, supported in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
         value = out[key]
         if not isinstance(value, list) or not value:
-            raise fail(f"{key} must be a non-empty list of block type names, got {_fmt(value)}")
+            raise fail(f"{key} must be a non-empty list of block type names, got {fmt(value)}")
         for entry in value:
             if entry not in supported or not isinstance(entry, str):
-                raise fail(f"unsupported {key} entry {_fmt(entry)} (supported: {', '.join(supported)})")
+                raise fail(f"unsupported {key} entry {fmt(entry)} (supported: {', '.join(supported)})")
     act = out["act_fn"]
-    if not isinstance(act, str) or act.lower() not in _ACTIVATIONS:
-        raise fail(f"unsupported act_fn {_fmt(act)} (supported: {', '.join(_ACTIVATIONS)})")
+    if not isinstance(act, str) or act.lower() not in ACTIVATIONS:
+        raise fail(f"unsupported act_fn {fmt(act)} (supported: {', '.join(ACTIVATIONS)})")
 
     # shapes and types
     channels = out["block_out_channels"]
-    if not isinstance(channels, list) or not channels or not all(_is_int(c) and c > 0 for c in channels):
-        raise fail(f"block_out_channels must be a non-empty list of positive integers, got {_fmt(channels)}")
+    if not isinstance(channels, list) or not channels or not all(is_int(c) and c > 0 for c in channels):
+        raise fail(f"block_out_channels must be a non-empty list of positive integers, got {fmt(channels)}")
     for key in ("down_block_types", "up_block_types"):
         if len(out[key]) != len(channels):
             raise fail(
-                f"{key} {_fmt(out[key])} has {len(out[key])} entries but block_out_channels {_fmt(channels)} "
+                f"{key} {fmt(out[key])} has {len(out[key])} entries but block_out_channels {fmt(channels)} "
                 f"has {len(channels)}"
             )
     if out["norm_num_groups"] is None:
@@ -216,19 +190,19 @@ def normalize_config(config: Mapping[str, Any], source: str = "config.json") -> 
         raise fail("time_embedding_type 'learned' needs num_train_timesteps (the size of its table), got null")
     for key in ("center_input_sample", "flip_sin_to_cos", "add_attention"):
         boolean(key)
-    if not _is_int(out["downsample_padding"]) or out["downsample_padding"] < 0:
-        raise fail(f"downsample_padding must be a non-negative integer, got {_fmt(out['downsample_padding'])}")
-    if not _is_number(out["freq_shift"]):
-        raise fail(f"freq_shift must be a number, got {_fmt(out['freq_shift'])}")
+    if not is_int(out["downsample_padding"]) or out["downsample_padding"] < 0:
+        raise fail(f"downsample_padding must be a non-negative integer, got {fmt(out['downsample_padding'])}")
+    if not is_number(out["freq_shift"]):
+        raise fail(f"freq_shift must be a number, got {fmt(out['freq_shift'])}")
     half_dim = channels[0] // 2
     if out["time_embedding_type"] == "positional" and half_dim - out["freq_shift"] == 0:
-        raise fail(f"freq_shift {_fmt(out['freq_shift'])} equals half of block_out_channels[0] (division by zero)")
-    if not _is_number(out["mid_block_scale_factor"]) or out["mid_block_scale_factor"] == 0:
-        raise fail(f"mid_block_scale_factor must be a non-zero number, got {_fmt(out['mid_block_scale_factor'])}")
-    if not _is_number(out["norm_eps"]) or out["norm_eps"] < 0:
-        raise fail(f"norm_eps must be a non-negative number, got {_fmt(out['norm_eps'])}")
-    if not _is_number(out["dropout"]) or not 0 <= out["dropout"] <= 1:
-        raise fail(f"dropout must be a number in [0, 1], got {_fmt(out['dropout'])}")
+        raise fail(f"freq_shift {fmt(out['freq_shift'])} equals half of block_out_channels[0] (division by zero)")
+    if not is_number(out["mid_block_scale_factor"]) or out["mid_block_scale_factor"] == 0:
+        raise fail(f"mid_block_scale_factor must be a non-zero number, got {fmt(out['mid_block_scale_factor'])}")
+    if not is_number(out["norm_eps"]) or out["norm_eps"] < 0:
+        raise fail(f"norm_eps must be a non-negative number, got {fmt(out['norm_eps'])}")
+    if not is_number(out["dropout"]) or not 0 <= out["dropout"] <= 1:
+        raise fail(f"dropout must be a number in [0, 1], got {fmt(out['dropout'])}")
 
     groups = out["norm_num_groups"]
     for c in channels:
@@ -253,43 +227,19 @@ def normalize_config(config: Mapping[str, Any], source: str = "config.json") -> 
 
     size = out["sample_size"]
     if size is not None:
-        sizes = [size] if _is_int(size) else size
-        if not isinstance(sizes, list) or len(sizes) not in (1, 2) or not all(_is_int(s) and s > 0 for s in sizes):
-            raise fail(f"sample_size must be a positive integer, a [height, width] pair or null, got {_fmt(size)}")
+        sizes = [size] if is_int(size) else size
+        if not isinstance(sizes, list) or len(sizes) not in (1, 2) or not all(is_int(s) and s > 0 for s in sizes):
+            raise fail(f"sample_size must be a positive integer, a [height, width] pair or null, got {fmt(size)}")
         factor = 2 ** (len(channels) - 1)
         if any(s % factor for s in sizes):
             raise fail(
-                f"sample_size {_fmt(size)} is not a multiple of {factor} (2 ** (len(block_out_channels) - 1))"
+                f"sample_size {fmt(size)} is not a multiple of {factor} (2 ** (len(block_out_channels) - 1))"
             )
     return out
 
 
 # --------------------------------------------------------------------------------------------------------------
 # layers
-
-
-def _activation(name: str) -> nn.Module:
-    return _ACTIVATIONS[name.lower()]()
-
-
-def _in_place_ok() -> bool:
-    """Whether intermediate tensors may be updated in place: no autograd graph is being recorded (sampling runs
-    under ``torch.inference_mode``). In place or not, every value is bit for bit the same; in place, the
-    large activations are not allocated afresh (a few per cent of a CPU forward). One visible difference: a
-    forward hook on an inner module that keeps its output sees it overwritten by the next in-place operation."""
-    return not torch.is_grad_enabled()
-
-
-def _act(module: nn.Module, x: torch.Tensor, in_place: bool) -> torch.Tensor:
-    """``module(x)``, computed in ``x``'s storage when ``in_place`` and the activation has an in-place form."""
-    if in_place:
-        if isinstance(module, nn.SiLU):
-            return F.silu(x, inplace=True)
-        if isinstance(module, nn.ReLU):
-            return F.relu(x, inplace=True)
-        if isinstance(module, nn.Mish):
-            return F.mish(x, inplace=True)
-    return module(x)
 
 
 def timestep_embedding(
@@ -407,14 +357,6 @@ class GaussianFourierProjection(nn.Module):
         return torch.cat([torch.sin(x_proj), torch.cos(x_proj)], dim=-1)
 
 
-def _upsample_nearest(hidden_states: torch.Tensor) -> torch.Tensor:
-    """2x nearest-neighbour upsampling, (B, C, H, W) -> (B, C, 2H, 2W)."""
-    # diffusers' workarounds for upsample_nearest_nhwc failing on large batches / large outputs
-    if hidden_states.shape[0] >= 64 or hidden_states.numel() * 2 > 2**31:
-        hidden_states = hidden_states.contiguous()
-    return F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
-
-
 class ResnetBlock2D(nn.Module):
     """Pre-norm residual block conditioned on the time embedding, diffusers' ``ResnetBlock2D``.
 
@@ -450,7 +392,7 @@ class ResnetBlock2D(nn.Module):
         self.norm2 = nn.GroupNorm(num_groups=groups, num_channels=out_channels, eps=eps, affine=True)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.nonlinearity = _activation(act_fn)
+        self.nonlinearity = activation(act_fn)
         self.conv_shortcut = (
             nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
             if in_channels != out_channels
@@ -459,10 +401,10 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """``input_tensor`` (B, C_in, H, W), ``temb`` (B, D) or (1, D) (then broadcast over the batch)."""
-        fresh = _in_place_ok()  # norm and conv outputs below are new tensors nobody else holds
-        hidden = _act(self.nonlinearity, self.norm1(input_tensor), fresh)
+        fresh = in_place_ok()  # norm and conv outputs below are new tensors nobody else holds
+        hidden = act(self.nonlinearity, self.norm1(input_tensor), fresh)
         if self.up:
-            input_tensor, hidden = _upsample_nearest(input_tensor), _upsample_nearest(hidden)  # (B, C_in, 2H, 2W)
+            input_tensor, hidden = upsample_nearest(input_tensor), upsample_nearest(hidden)  # (B, C_in, 2H, 2W)
         elif self.down:
             input_tensor = F.avg_pool2d(input_tensor, kernel_size=2, stride=2)  # (B, C_in, H/2, W/2)
             hidden = F.avg_pool2d(hidden, kernel_size=2, stride=2)
@@ -477,86 +419,11 @@ class ResnetBlock2D(nn.Module):
                 hidden = hidden * (1 + time_scale) + time_shift
         else:
             hidden = self.norm2(hidden.add_(temb) if fresh else hidden + temb)
-        hidden = self.conv2(self.dropout(_act(self.nonlinearity, hidden, fresh)))
+        hidden = self.conv2(self.dropout(act(self.nonlinearity, hidden, fresh)))
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)  # (B, C_out, H', W')
         out = hidden.add_(input_tensor) if fresh else input_tensor + hidden  # a + b == b + a exactly
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
-
-
-class Attention(nn.Module):
-    """Spatial self-attention with residual, as diffusers' ``Attention`` built from a deprecated attention block.
-
-    ``heads = channels // head_dim``; attention runs through ``F.scaled_dot_product_attention`` exactly like
-    diffusers' default ``AttnProcessor2_0`` (scale ``head_dim ** -0.5``, no dropout).
-    """
-
-    def __init__(
-        self,
-        channels: int,
-        head_dim: int,
-        norm_num_groups: int | None,
-        eps: float,
-        rescale_output_factor: float = 1.0,
-    ):
-        super().__init__()
-        self.heads = channels // head_dim
-        self.head_dim = head_dim
-        inner_dim = self.heads * head_dim
-        self.rescale_output_factor = rescale_output_factor
-        self.group_norm = (
-            nn.GroupNorm(num_channels=channels, num_groups=norm_num_groups, eps=eps, affine=True)
-            if norm_num_groups is not None
-            else None
-        )
-        self.to_q = nn.Linear(channels, inner_dim, bias=True)
-        self.to_k = nn.Linear(channels, inner_dim, bias=True)
-        self.to_v = nn.Linear(channels, inner_dim, bias=True)
-        self.to_out = nn.ModuleList([nn.Linear(inner_dim, channels, bias=True), nn.Dropout(0.0)])
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        residual = hidden_states
-        batch, channels, height, width = hidden_states.shape
-        hidden_states = hidden_states.reshape(batch, channels, height * width)  # (B, C, H*W)
-        if self.group_norm is not None:
-            # normalised in (B, C, H*W) form like diffusers: a (B, C, H, W) GroupNorm differs in the last bits
-            hidden_states = self.group_norm(hidden_states)
-        hidden_states = hidden_states.transpose(1, 2)  # (B, H*W, C)
-        # (B, H*W, inner) -> (B, heads, H*W, head_dim)
-        query = self.to_q(hidden_states).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
-        key = self.to_k(hidden_states).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
-        value = self.to_v(hidden_states).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
-        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, height * width, -1)  # (B, H*W, inner)
-        hidden_states = self.to_out[1](self.to_out[0](hidden_states))  # (B, H*W, C)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, channels, height, width)  # (B, C, H, W)
-        out = hidden_states.add_(residual) if _in_place_ok() else hidden_states + residual
-        return out if self.rescale_output_factor == 1.0 else out / self.rescale_output_factor
-
-
-class Downsample2D(nn.Module):
-    """Stride-2 3x3 convolution; ``padding=0`` pads right/bottom by one first, as diffusers does."""
-
-    def __init__(self, channels: int, padding: int):
-        super().__init__()
-        self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=padding)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.padding == 0:
-            hidden_states = F.pad(hidden_states, (0, 1, 0, 1), mode="constant", value=0)
-        return self.conv(hidden_states)  # (B, C, H/2, W/2)
-
-
-class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.conv(_upsample_nearest(hidden_states))  # (B, C, 2H, 2W)
 
 
 class DownBlock2D(nn.Module):
@@ -933,8 +800,8 @@ class UNet2DModel(nn.Module):
         if self.class_embedding is not None and class_labels is None:
             what = {None: "class ids", "timestep": "class values", "identity": "class embeddings"}
             raise ValueError(
-                f"this model is class-conditional (num_class_embeds {_fmt(self.config['num_class_embeds'])}, "
-                f"class_embed_type {_fmt(self.class_embed_type)}): pass class_labels ({what[self.class_embed_type]})"
+                f"this model is class-conditional (num_class_embeds {fmt(self.config['num_class_embeds'])}, "
+                f"class_embed_type {fmt(self.class_embed_type)}): pass class_labels ({what[self.class_embed_type]})"
             )
         if self.class_embedding is None and class_labels is not None:
             raise ValueError(
@@ -969,7 +836,7 @@ class UNet2DModel(nn.Module):
             down_block_res_samples = down_block_res_samples[:-n]
             sample = up_block(sample, res_samples, emb)
 
-        sample = self.conv_out(_act(self.conv_act, self.conv_norm_out(sample), _in_place_ok()))  # (B, C_out, H, W)
+        sample = self.conv_out(act(self.conv_act, self.conv_norm_out(sample), in_place_ok()))  # (B, C_out, H, W)
 
         if self.time_embedding_type == "fourier":
             # diffusers divides the output by the timesteps (score-SDE: the noise level sigma); the quotient is

@@ -30,19 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .unet import (
-    _ACTIVATIONS,
-    Attention,
-    Downsample2D,
-    Upsample2D,
-    _act,
-    _activation,
-    _fmt,
-    _in_place_ok,
-    _is_int,
-    _is_number,
-)
+from ..errors import ConfigError
+from .layers import ACTIVATIONS, Attention, Downsample2D, Upsample2D, act, activation, fmt, in_place_ok, is_int, is_number
 
 __all__ = [
     "AutoencoderKL",
@@ -140,11 +129,11 @@ def _normalize(
         if key in fixed:
             if value != fixed[key] or isinstance(value, bool) != isinstance(fixed[key], bool):
                 raise fail(
-                    f"unsupported {key} {_fmt(value)} (diffusers' {class_name} always uses {_fmt(fixed[key])})"
+                    f"unsupported {key} {fmt(value)} (diffusers' {class_name} always uses {fmt(fixed[key])})"
                 )
             continue
         if key not in defaults:
-            raise fail(f"unsupported key '{key}' (value {_fmt(value)}) for {class_name}")
+            raise fail(f"unsupported key '{key}' (value {fmt(value)}) for {class_name}")
         cfg[key] = value
     out: dict[str, Any] = {"_class_name": class_name}
     for key, default in defaults.items():
@@ -154,41 +143,41 @@ def _normalize(
     for key, supported in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
         value = out[key]
         if not isinstance(value, list) or not value:
-            raise fail(f"{key} must be a non-empty list of block type names, got {_fmt(value)}")
+            raise fail(f"{key} must be a non-empty list of block type names, got {fmt(value)}")
         for entry in value:
             if entry not in supported or not isinstance(entry, str):
-                raise fail(f"unsupported {key} entry {_fmt(entry)} (supported: {', '.join(supported)})")
+                raise fail(f"unsupported {key} entry {fmt(entry)} (supported: {', '.join(supported)})")
     act = out["act_fn"]
-    if not isinstance(act, str) or act.lower() not in _ACTIVATIONS:
-        raise fail(f"unsupported act_fn {_fmt(act)} (supported: {', '.join(_ACTIVATIONS)})")
+    if not isinstance(act, str) or act.lower() not in ACTIVATIONS:
+        raise fail(f"unsupported act_fn {fmt(act)} (supported: {', '.join(ACTIVATIONS)})")
 
     channels = out["block_out_channels"]
-    if not isinstance(channels, list) or not channels or not all(_is_int(c) and c > 0 for c in channels):
-        raise fail(f"block_out_channels must be a non-empty list of positive integers, got {_fmt(channels)}")
+    if not isinstance(channels, list) or not channels or not all(is_int(c) and c > 0 for c in channels):
+        raise fail(f"block_out_channels must be a non-empty list of positive integers, got {fmt(channels)}")
     for key in ("down_block_types", "up_block_types"):
         if len(out[key]) != len(channels):
             raise fail(
-                f"{key} {_fmt(out[key])} has {len(out[key])} entries but block_out_channels {_fmt(channels)} "
+                f"{key} {fmt(out[key])} has {len(out[key])} entries but block_out_channels {fmt(channels)} "
                 f"has {len(channels)}"
             )
     for key in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
-        if not _is_int(out[key]) or out[key] < 1:
-            raise fail(f"{key} must be a positive integer, got {_fmt(out[key])}")
+        if not is_int(out[key]) or out[key] < 1:
+            raise fail(f"{key} must be a positive integer, got {fmt(out[key])}")
     groups = out["norm_num_groups"]
     for c in channels:
         if c % groups:
             raise fail(f"block_out_channels entry {c} is not divisible by norm_num_groups {groups}")
     for key in ("mid_block_add_attention", "force_upcast"):
         if not isinstance(out[key], bool):
-            raise fail(f"{key} must be true or false, got {_fmt(out[key])}")
+            raise fail(f"{key} must be true or false, got {fmt(out[key])}")
     sf = out["scaling_factor"]
-    if not _is_number(sf) or sf <= 0:
-        raise fail(f"scaling_factor must be a positive number, got {_fmt(sf)}")
+    if not is_number(sf) or sf <= 0:
+        raise fail(f"scaling_factor must be a positive number, got {fmt(sf)}")
     size = out["sample_size"]  # only diffusers' tiling reads it; checked for form, otherwise unused here
     if size is not None:
-        sizes = [size] if _is_int(size) else size
-        if not isinstance(sizes, list) or len(sizes) not in (1, 2) or not all(_is_int(s) and s > 0 for s in sizes):
-            raise fail(f"sample_size must be a positive integer, a [height, width] pair or null, got {_fmt(size)}")
+        sizes = [size] if is_int(size) else size
+        if not isinstance(sizes, list) or len(sizes) not in (1, 2) or not all(is_int(s) and s > 0 for s in sizes):
+            raise fail(f"sample_size must be a positive integer, a [height, width] pair or null, got {fmt(size)}")
     return out
 
 
@@ -206,14 +195,14 @@ def normalize_kl_config(config: Mapping[str, Any], source: str = "config.json") 
 
     for key in ("use_quant_conv", "use_post_quant_conv"):
         if not isinstance(out[key], bool):
-            raise fail(f"{key} must be true or false, got {_fmt(out[key])}")
+            raise fail(f"{key} must be true or false, got {fmt(out[key])}")
     shift = out["shift_factor"]
-    if shift is not None and not _is_number(shift):
-        raise fail(f"shift_factor must be a number or null, got {_fmt(shift)}")
+    if shift is not None and not is_number(shift):
+        raise fail(f"shift_factor must be a number or null, got {fmt(shift)}")
     mean, std = out["latents_mean"], out["latents_std"]
     if (mean is None) != (std is None):
         # diffusers' SDXL pipelines would silently ignore a lone one of the two
-        raise fail(f"latents_mean {_fmt(mean)} and latents_std {_fmt(std)} must be given together or both null")
+        raise fail(f"latents_mean {fmt(mean)} and latents_std {fmt(std)} must be given together or both null")
     if mean is not None:
         n = out["latent_channels"]
         for key, positive in (("latents_mean", False), ("latents_std", True)):
@@ -223,13 +212,13 @@ def normalize_kl_config(config: Mapping[str, Any], source: str = "config.json") 
             if (
                 not isinstance(value, list)
                 or len(value) != n
-                or not all(_is_number(v) and (v > 0 or not positive) for v in value)
+                or not all(is_number(v) and (v > 0 or not positive) for v in value)
             ):
                 what = "positive numbers" if positive else "numbers"
-                raise fail(f"{key} must be a list of {n} {what} (one per latent channel), got {_fmt(value)}")
+                raise fail(f"{key} must be a list of {n} {what} (one per latent channel), got {fmt(value)}")
         if shift is not None:
             raise fail(
-                f"shift_factor {_fmt(shift)} together with latents_mean/latents_std is ambiguous "
+                f"shift_factor {fmt(shift)} together with latents_mean/latents_std is ambiguous "
                 "(no diffusers pipeline uses both)"
             )
     return out
@@ -248,16 +237,16 @@ def normalize_vq_config(config: Mapping[str, Any], source: str = "config.json") 
 
     if out["norm_type"] != "group":
         raise fail(
-            f"unsupported norm_type {_fmt(out['norm_type'])} (supported: group; \"spatial\" is MoVQ's "
+            f"unsupported norm_type {fmt(out['norm_type'])} (supported: group; \"spatial\" is MoVQ's "
             "spatially conditioned decoder)"
         )
-    if not _is_int(out["num_vq_embeddings"]) or out["num_vq_embeddings"] < 1:
-        raise fail(f"num_vq_embeddings must be a positive integer, got {_fmt(out['num_vq_embeddings'])}")
+    if not is_int(out["num_vq_embeddings"]) or out["num_vq_embeddings"] < 1:
+        raise fail(f"num_vq_embeddings must be a positive integer, got {fmt(out['num_vq_embeddings'])}")
     dim = out["vq_embed_dim"]
-    if dim is not None and (not _is_int(dim) or dim < 1):
-        raise fail(f"vq_embed_dim must be a positive integer or null, got {_fmt(dim)}")
+    if dim is not None and (not is_int(dim) or dim < 1):
+        raise fail(f"vq_embed_dim must be a positive integer or null, got {fmt(dim)}")
     if not isinstance(out["lookup_from_codebook"], bool):
-        raise fail(f"lookup_from_codebook must be true or false, got {_fmt(out['lookup_from_codebook'])}")
+        raise fail(f"lookup_from_codebook must be true or false, got {fmt(out['lookup_from_codebook'])}")
     return out
 
 
@@ -269,7 +258,7 @@ class ResnetBlock2D(nn.Module):
     """diffusers' ``ResnetBlock2D`` built with ``temb_channels=None``: ``x + conv2(act(norm2(conv1(act(norm1(x))))))``
     with a 1x1 ``conv_shortcut`` on ``x`` when the channel count changes.
 
-    ``ddimctl.unet.ResnetBlock2D`` always has a ``time_emb_proj`` (a ``state_dict`` key the autoencoders lack),
+    ``ddimctl.nets.unet2d.ResnetBlock2D`` always has a ``time_emb_proj`` (a ``state_dict`` key the autoencoders lack),
     hence this class.
     """
 
@@ -280,7 +269,7 @@ class ResnetBlock2D(nn.Module):
         self.norm2 = nn.GroupNorm(num_groups=groups, num_channels=out_channels, eps=NORM_EPS, affine=True)
         self.dropout = nn.Dropout(0.0)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.nonlinearity = _activation(act_fn)
+        self.nonlinearity = activation(act_fn)
         self.conv_shortcut = (
             nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
             if in_channels != out_channels
@@ -288,9 +277,9 @@ class ResnetBlock2D(nn.Module):
         )
 
     def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
-        fresh = _in_place_ok()  # norm and conv outputs below are new tensors nobody else holds
-        hidden = self.conv1(_act(self.nonlinearity, self.norm1(input_tensor), fresh))  # (B, C_out, H, W)
-        hidden = self.conv2(self.dropout(_act(self.nonlinearity, self.norm2(hidden), fresh)))
+        fresh = in_place_ok()  # norm and conv outputs below are new tensors nobody else holds
+        hidden = self.conv1(act(self.nonlinearity, self.norm1(input_tensor), fresh))  # (B, C_out, H, W)
+        hidden = self.conv2(self.dropout(act(self.nonlinearity, self.norm2(hidden), fresh)))
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)  # (B, C_out, H, W)
         return hidden.add_(input_tensor) if fresh else input_tensor + hidden  # a + b == b + a exactly
@@ -382,7 +371,7 @@ class Encoder(nn.Module):
         for down_block in self.down_blocks:
             sample = down_block(sample)
         sample = self.mid_block(sample)  # (B, C_last, H/f, W/f)
-        return self.conv_out(_act(self.conv_act, self.conv_norm_out(sample), _in_place_ok()))
+        return self.conv_out(act(self.conv_act, self.conv_norm_out(sample), in_place_ok()))
 
 
 class Decoder(nn.Module):
@@ -417,7 +406,7 @@ class Decoder(nn.Module):
         sample = self.mid_block(sample)
         for up_block in self.up_blocks:
             sample = up_block(sample)  # (B, C_i, ..., ...) doubling the size in all but the last block
-        return self.conv_out(_act(self.conv_act, self.conv_norm_out(sample), _in_place_ok()))
+        return self.conv_out(act(self.conv_act, self.conv_norm_out(sample), in_place_ok()))
 
 
 class VectorQuantizer(nn.Module):
@@ -720,5 +709,5 @@ def autoencoder_from_config(config: Mapping[str, Any], source: str = "config.jso
     if name not in _CLASSES:
         what = _OTHER_AUTOENCODERS.get(name) if isinstance(name, str) else None
         detail = f"{what}; " if what else ""
-        raise ConfigError(f"{source}: unsupported autoencoder class {_fmt(name)} ({detail}supported: {supported})")
+        raise ConfigError(f"{source}: unsupported autoencoder class {fmt(name)} ({detail}supported: {supported})")
     return _CLASSES[name].from_config(config, source)
