@@ -64,23 +64,23 @@ def oracle_part() -> None:
 
 
 def model_part(model_ref: str, n_images: int, steps_list: list[int]) -> None:
-    from ddimctl.checkpoint import load
+    from ddimctl.families import load
     from ddimctl.data import load_builtin_dataset
     from ddimctl.images import mse
-    from ddimctl.pipeline import Engine, SamplingOptions
+    from ddimctl.engine import Engine, SamplingOptions
 
     ckpt = load(model_ref)
-    x0 = load_builtin_dataset("mnist-test", image_size=ckpt.image_size)[:n_images]  # (N, 1, 32, 32) in [-1, 1]
+    x0 = load_builtin_dataset("mnist-test", image_size=ckpt.image_shape[1])[:n_images]  # (N, 1, 32, 32) in [-1, 1]
     print(f"\n### Reconstruction on {len(x0)} held-out MNIST digits, model {model_ref!r} (per-dimension MSE, [0, 1])\n")
     print("| steps | plain MSE | plain calls/img | exact MSE | exact calls/img | exact max residual | DDIM paper T2 (CIFAR-10) |")
     print("|---|---|---|---|---|---|---|")
-    shape = (ckpt.channels, ckpt.image_size, ckpt.image_size)
     for steps in steps_list:
         row = [str(steps)]
         for inversion in ("plain", "exact"):
-            engine = Engine(ckpt.model, ckpt.settings, SamplingOptions(steps=steps, inversion=inversion, tol=1e-5, max_iter=50), shape)
+            engine = Engine(ckpt, SamplingOptions(steps=steps, inversion=inversion, tol=1e-5, max_iter=50))
             t0 = time.perf_counter()
-            x_T, stats = engine.invert(x0)
+            inv = engine.invert(x0)
+            x_T, stats = inv.x_T, inv.stats
             rec = engine.decode(x_T)
             err = float(mse(rec, x0).mean())
             calls = (stats.model_calls + len(engine.plan)) / 1  # per batch = per image (batched)

@@ -87,7 +87,7 @@ def make_model(directory: Path) -> Path:
 
 def builtin_available(name: str) -> bool:
     try:
-        from ddimctl.checkpoint import resolve
+        from ddimctl.families import resolve
 
         resolve(name)
         return True

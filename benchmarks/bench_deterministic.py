@@ -27,7 +27,8 @@ CIFAR10_32 = {
 
 
 def engine(name: str, options):
-    from ddimctl.pipeline import Engine
+    from ddimctl.engine import Engine
+    from ddimctl.families.unet import in_memory
     from ddimctl.settings import SamplerSettings
     from ddimctl.nets.unet2d import UNet2DModel
 
@@ -35,7 +36,7 @@ def engine(name: str, options):
         return Engine.load(name, options)
     torch.manual_seed(0)
     model = UNet2DModel.from_config(CIFAR10_32).eval()
-    return Engine(model, SamplerSettings.from_config({"clip_sample": True}), options, (3, 32, 32))
+    return Engine(in_memory(model, SamplerSettings.from_config({"clip_sample": True})), options)
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    from ddimctl.pipeline import SamplingOptions
+    from ddimctl.engine import SamplingOptions
 
     seeds = list(range(args.batch))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.steps} steps, "

@@ -90,12 +90,12 @@ class ForwardClock:
 def load_into_ddimctl(directory: str, device: torch.device, dtype: torch.dtype):
     """ddimctl's own loader when it exists; else the state dict straight into ddimctl's UNet2DModel."""
     try:
-        from ddimctl.checkpoint import load
+        from ddimctl.families import load
     except ImportError:
         load = None
     if load is not None:
         ckpt = load(directory, device=device, dtype=dtype)
-        return ckpt.model, ckpt.settings, "ddimctl.checkpoint.load"
+        return ckpt.model, ckpt.settings, "ddimctl.families.load"
     import json
     from pathlib import Path
 
@@ -132,7 +132,8 @@ def main() -> None:
 
     import diffusers
 
-    from ddimctl.pipeline import Engine, SamplingOptions
+    from ddimctl.engine import Engine, SamplingOptions
+    from ddimctl.families.unet import in_memory
 
     diffusers.utils.logging.set_verbosity_error()  # its note about casting with .to(dtype) does not apply here
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -159,7 +160,7 @@ def main() -> None:
             options.append("torch.compile (first calls untimed)")
     pipe = diffusers.DDIMPipeline(unet=ref_unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    engine = Engine(our_unet, settings, SamplingOptions(steps=S, channels_last=args.channels_last), (3, 32, 32),
+    engine = Engine(in_memory(our_unet, settings), SamplingOptions(steps=S, channels_last=args.channels_last),
                     device, dtype)
     seeds = list(range(B))
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}, "

@@ -29,15 +29,15 @@ from quality import train_classifier  # noqa: E402
 
 from ddimctl.data import load_builtin_dataset  # noqa: E402
 from ddimctl.images import mse  # noqa: E402
-from ddimctl.pipeline import Engine, SamplingOptions, batches  # noqa: E402
+from ddimctl.engine import Engine, SamplingOptions, batches  # noqa: E402
 
 
 def guided_samples(net, model: str, steps: int, n: int, w: float, batch: int, clip: bool | None = None) -> dict:
     engine = Engine.load(model, SamplingOptions(steps=steps, guidance_scale=w, clip_sample=clip))
-    wanted = torch.tensor(engine.default_labels(range(n)))
+    wanted = torch.tensor(engine.default_conditions(n))
     probs = []
     for chunk in batches(list(range(n)), batch):
-        _, x0 = engine.generate(chunk, labels=engine.class_labels(wanted[list(chunk)]))
+        _, x0 = engine.generate(chunk, conditions=wanted[list(chunk)].tolist())
         with torch.no_grad():
             probs.append(torch.softmax(net(x0.clamp(-1, 1).cpu()), 1))
     p = torch.cat(probs)
@@ -53,7 +53,7 @@ def inversion_under_guidance(model: str, steps: int, w: float, x: torch.Tensor, 
         engine = Engine.load(model, SamplingOptions(steps=steps, guidance_scale=w, inversion=inversion, inverting=True))
         errs, calls = [], []
         for chunk in batches(list(range(len(x))), batch):
-            rec = engine.reconstruct(x[list(chunk)], labels=engine.class_labels(y[list(chunk)]))
+            rec = engine.reconstruct(x[list(chunk)], conditions=y[list(chunk)].tolist())
             errs.append(rec.mse)
             calls += [c + rec.decode_calls for c in rec.stats.image_calls]  # model evaluations per image
         e = torch.cat(errs)
@@ -68,7 +68,7 @@ def edits(net, model: str, steps: int, w: float, strength: float, x, y, batch: i
     out = []
     for chunk in batches(list(range(len(x))), batch):
         idx = list(chunk)
-        out.append(engine.edit(x[idx], engine.class_labels(y[idx]), engine.class_labels(target[idx]), strength).edited)
+        out.append(engine.edit(x[idx], y[idx].tolist(), target[idx].tolist(), strength).edited)
     e = torch.cat(out).clamp(-1, 1).cpu()
     with torch.no_grad():
         hit = float((net(e).argmax(1) == target).float().mean())

@@ -49,7 +49,7 @@ T1 = time.perf_counter()
 import ddimctl.cli
 from ddimctl.cli import main
 T2 = time.perf_counter()
-import ddimctl.checkpoint, ddimctl.images, ddimctl.pipeline
+import ddimctl.checkpoint, ddimctl.images, ddimctl.engine
 stages = {"load": 0.0, "generate": 0.0, "model": 0.0, "png": 0.0}
 
 def timed(owner, name, key):
@@ -77,7 +77,7 @@ def load(*a, **k):
     stages["load"] += time.perf_counter() - t
     return add_hooks(ckpt)
 ddimctl.checkpoint.load = load
-timed(ddimctl.pipeline.Engine, "generate", "generate")
+timed(ddimctl.engine.Engine, "generate", "generate")
 timed(ddimctl.images, "save_png", "png")
 sys.argv = ["ddimctl", "sample", "--steps", "50", "--eta", "0", "--out", sys.argv[1], "--quiet"]
 try:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ddimctl.data import load_builtin_dataset  # noqa: E402
 from ddimctl.images import mse  # noqa: E402
 from ddimctl.inversion import InversionStats, invert_ddim  # noqa: E402
-from ddimctl.pipeline import Engine, SamplingOptions  # noqa: E402
+from ddimctl.engine import Engine, SamplingOptions  # noqa: E402
 
 PAPER_TABLE2 = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009}
 

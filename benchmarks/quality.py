@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ddimctl.checkpoint import load
+from ddimctl.families import load
 from ddimctl.data import load_builtin_dataset
 from ddimctl.images import mse
-from ddimctl.pipeline import Engine, SamplingOptions
+from ddimctl.engine import Engine, SamplingOptions
 
 PAPER_TABLE2 = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009}
 
@@ -72,8 +72,7 @@ def train_classifier(epochs: int = 8, seed: int = 0) -> tuple[nn.Module, float, 
 
 
 def sample_quality(net, ckpt, steps: int, n: int, batch: int = 50) -> dict:
-    shape = (ckpt.channels, ckpt.image_size, ckpt.image_size)
-    engine = Engine(ckpt.model, ckpt.settings, SamplingOptions(steps=steps), shape)
+    engine = Engine(ckpt, SamplingOptions(steps=steps))
     probs = []
     for start in range(0, n, batch):
         seeds = list(range(start, min(n, start + batch)))
@@ -87,10 +86,9 @@ def sample_quality(net, ckpt, steps: int, n: int, batch: int = 50) -> dict:
 
 
 def reconstruction_mse(ckpt, steps: int, n: int) -> float:
-    shape = (ckpt.channels, ckpt.image_size, ckpt.image_size)
-    engine = Engine(ckpt.model, ckpt.settings, SamplingOptions(steps=steps, inversion="plain"), shape)
-    x0 = load_builtin_dataset("mnist-test", ckpt.image_size)[:n]
-    x_T, _ = engine.invert(x0)
+    engine = Engine(ckpt, SamplingOptions(steps=steps, inversion="plain"))
+    x0 = load_builtin_dataset("mnist-test", ckpt.image_shape[1])[:n]
+    x_T = engine.invert(x0).x_T
     return float(mse(engine.decode(x_T), x0).mean())
 
 

@@ -174,7 +174,7 @@ def _summary(table: dict, kind: str) -> None:
 def model_part(refs: list[str], cache: Path, n_quality: int, iterations: int, tuned_samplers: list[str]) -> dict:
     from quality import train_classifier
 
-    from ddimctl.pipeline import Engine, SamplingOptions
+    from ddimctl.engine import Engine, SamplingOptions
 
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -184,8 +184,8 @@ def model_part(refs: list[str], cache: Path, n_quality: int, iterations: int, tu
     results = {}
     for ref_name in refs:
         base = Engine.load(ref_name, SamplingOptions(steps=10, clip_sample=False))
-        base.model.requires_grad_(False)
-        schedule, den = base.settings.schedule(), base.denoiser
+        base.model.model.requires_grad_(False)
+        schedule, den = base.settings.schedule(), base.denoisers(None, 1)[0]
         eval_seeds = list(range(100000, 100032))
         ref1000 = _cached(cache / f"{ref_name}_ref1000_{eval_seeds[0]}-{eval_seeds[-1]}_noclip.pt", lambda: reference_samples(
             den, schedule, base.noise(eval_seeds), "unipc", 1000, batch_size=32))
@@ -200,7 +200,7 @@ def model_part(refs: list[str], cache: Path, n_quality: int, iterations: int, tu
         print("|---|---|---|---|---|---|")
         rows = {}
         ddim50 = _engine(base, steps=50)
-        q50 = _confident(net, ddim50.denoiser, ddim50.plan, "ddim", ddim50, n_quality)
+        q50 = _confident(net, ddim50.denoisers(None, 1)[0], ddim50.plan, "ddim", ddim50, n_quality)
         e50 = plan_error(den, ddim50.plan, "ddim", noises, ref1000)
         print(f"| ddim | {ddim50.spacing}, 50 calls | {e50:.3e} | {100 * q50:.1f} % | | |", flush=True)
         for sampler in SAMPLERS:
@@ -239,9 +239,9 @@ def model_part(refs: list[str], cache: Path, n_quality: int, iterations: int, tu
 
 def _engine(base, **options):
     """An engine on ``base``'s model with these sampling options, without clipping."""
-    from ddimctl.pipeline import Engine, SamplingOptions
+    from ddimctl.engine import Engine, SamplingOptions
 
-    return Engine(base.model, base.settings, SamplingOptions(clip_sample=False, **options), base.image_shape)
+    return Engine(base.model, SamplingOptions(clip_sample=False, **options))
 
 
 def _traj_dict(ref: Reference) -> dict:

@@ -4,7 +4,7 @@ The library under the ``ddimctl`` command. The sampler core is plain functions::
 
     from ddimctl import Denoiser, vp_schedule, make_plan, sample, invert_ddim
 
-and :class:`Engine` runs them over a checkpoint as the commands do (``Engine.load("mnist")``).
+and :class:`Engine` runs them over a model as the commands do (``Engine.load("mnist")``).
 
 Names are imported lazily, so ``import ddimctl`` (and ``ddimctl --help``) does not import torch.
 """
@@ -21,14 +21,17 @@ BUILTIN_MODELS = ("mnist", "mnist-flow", "mnist-cond")
 DEFAULT_MODEL = "mnist"
 
 _EXPORTS = {
+    "conditioning": ["ClassLabels", "ClassifierFreeGuidance", "Cond", "ConditionOptions", "Conditioned", "guide"],
+    "engine": ["Engine", "SamplingOptions"],
+    "families": ["LoadedModel"],
     "inversion": ["InversionStats", "invert_ddim"],
     "latents": ["load_latents", "save_latents"],
-    "pipeline": ["Engine", "SamplingOptions"],
     "prediction": ["Denoiser", "Thresholding", "from_x0_eps", "to_x0_eps"],
     "sampler": ["ddim_sigma", "ddim_step", "make_generators", "randn", "sample", "sample_ddim", "sample_dpmpp_2m",
                 "sample_dpmpp_3m", "sample_ipndm", "sample_unipc", "slerp"],
     "schedule": ["Schedule", "SamplingPlan", "flow_schedule", "make_plan", "select_timesteps", "vp_schedule"],
-    "tuning": ["load_schedule", "read_schedule", "reference_samples", "save_schedule", "tune_plan"],
+    "schedule_files": ["load_schedule", "read_schedule", "save_schedule"],
+    "tuning": ["reference_samples", "tune_plan"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

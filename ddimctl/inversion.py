@@ -42,8 +42,8 @@ _S2 = 0.25  # data variance of the Gaussian surrogate whose denoiser Jacobian pr
 
 
 def _select(denoise, idx: Tensor):
-    """``denoise`` for the images ``idx`` of the batch (a Denoiser slices its class labels; a plain callable is
-    taken to be the same for every image)."""
+    """``denoise`` for the images ``idx`` of the batch (a Denoiser slices its model's conditions; a plain callable
+    is taken to be the same for every image)."""
     return denoise.select(idx) if hasattr(denoise, "select") else denoise
 
 
@@ -334,8 +334,7 @@ def _invert_multistep(update, denoise, x0, plan, callback, tol, max_iter, stats,
     calls = torch.zeros(B, dtype=torch.long, device=x0.device)
     # classifier-free guidance mixes two model outputs with weights w and 1 - w: a perturbation's effect on the
     # decoded image can grow by |w| + |1 - w| (1 without guidance)
-    w = float(getattr(denoise, "guidance_scale", 1.0))
-    guide = abs(w) + abs(1.0 - w)
+    guide = float(getattr(denoise, "guidance_gain", 1.0))
     gains = [guide * a_clean / math.hypot(float(plan.a[k + 1]), float(plan.b[k + 1])) if improved else 1.0
              for k in range(S)]
     need = torch.ones(B, dtype=torch.bool, device=x0.device)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -73,23 +74,14 @@ def load_latents(path: str | os.PathLike) -> tuple[Tensor, dict[str, str]]:
 def load_latent_pair(path: str | os.PathLike) -> tuple[Tensor, Tensor | None, dict[str, str]]:
     """``latents`` and ``latents_prev`` (None when the file has no second state) as float32 (N, C, H, W), and
     the metadata."""
-    from safetensors import SafetensorError, safe_open
-
     p = Path(path)
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            names = list(f.keys())
-            if LATENTS_KEY not in names:
-                raise InputError(f"{p}: no tensor named '{LATENTS_KEY}' (found: {', '.join(sorted(names)) or 'none'})")
-            x = f.get_tensor(LATENTS_KEY).float()
-            x_prev = f.get_tensor(PREV_KEY).float() if PREV_KEY in names else None
-            meta = dict(f.metadata() or {})
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{p}: is a directory, not a latent file") from None
-    except (SafetensorError, OSError) as e:
-        raise InputError(f"{p}: not a readable .safetensors file ({first_line(e)})") from None
+    with _open(p) as f:
+        names = list(f.keys())
+        if LATENTS_KEY not in names:
+            raise InputError(f"{p}: no tensor named '{LATENTS_KEY}' (found: {', '.join(sorted(names)) or 'none'})")
+        x = f.get_tensor(LATENTS_KEY).float()
+        x_prev = f.get_tensor(PREV_KEY).float() if PREV_KEY in names else None
+        meta = dict(f.metadata() or {})
     if x.ndim == 3:
         x = x.unsqueeze(0)
     if x.ndim != 4:
@@ -115,12 +107,18 @@ def recorded_spacing(meta: Mapping[str, str]) -> str | None:
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """A latent file's metadata, from its header alone (no tensor is read); one-line errors as :func:`load_latents`."""
+    with _open(Path(path)) as f:
+        return dict(f.metadata() or {})
+
+
+@contextmanager
+def _open(p: Path):
+    """``safe_open`` of a latent file, each way it can fail one line naming the file."""
     from safetensors import SafetensorError, safe_open
 
-    p = Path(path)
     try:
         with safe_open(str(p), framework="pt") as f:
-            return dict(f.metadata() or {})
+            yield f
     except FileNotFoundError:
         raise InputError(f"{p}: no such file") from None
     except IsADirectoryError:

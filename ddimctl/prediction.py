@@ -102,46 +102,33 @@ def threshold(x0: Tensor, th: Thresholding) -> Tensor:
 
 @dataclass(frozen=True)
 class Denoiser:
-    """Wraps ``model(x_t, t)`` (t a (1,) or (B,) tensor of model times) into ``(x_t, t, a, b) -> (x0_hat, eps_hat)``.
+    """Wraps a model function ``model(x_t, t) -> output`` (t a (1,) or (B,) tensor of model times) into
+    ``(x_t, t, a, b) -> (x0_hat, eps_hat)``.
 
     ``clip_sample``: clamp x0_hat to [-r, r] (diffusers' ``clip_sample`` with ``clip_sample_range = r``).
     ``thresholding`` takes precedence over clipping, as in diffusers. eps_hat is not recomputed after either
     (diffusers' default, ``use_clipped_model_output=False``).
 
-    Class-conditional models are called ``model(x_t, t, class_labels)``: ``class_labels`` (B,) int64 holds each
-    sample's class. ``guidance_scale`` w != 1 is classifier-free guidance (Ho & Salimans 2022): one batched forward
-    of 2B samples, the B conditional ones and the same B with the model's ``null_label``, combined as
-    ``out = uncond + w (cond - uncond)`` on the raw output (which every parameterization maps affinely, so the
-    same holds for (x0_hat, eps_hat)). Samplers and the exact inversion see only the guided denoiser.
+    A conditioned or guided model is one batch's network under its condition (:mod:`ddimctl.conditioning`:
+    :class:`~ddimctl.conditioning.Conditioned`, :class:`~ddimctl.conditioning.ClassifierFreeGuidance`); the
+    samplers and the exact inversion see only this denoiser, and use :meth:`select` to work on some images of a
+    batch and :attr:`guidance_gain` to bound how far a guided output can move.
     """
 
     model: Model
     prediction_type: str = "epsilon"
     clip_sample: float | None = None
     thresholding: Thresholding | None = None
-    class_labels: Tensor | None = None
-    guidance_scale: float = 1.0
-    null_label: int | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"unknown prediction_type {self.prediction_type!r} (expected one of {', '.join(PREDICTION_TYPES)})"
             )
-        if self.guidance_scale != 1.0 and (self.class_labels is None or self.null_label is None):
-            raise ValueError("classifier-free guidance needs class labels and the model's null label")
 
     def model_output(self, x: Tensor, t: Tensor) -> Tensor:
-        """The raw model output at x, guided when ``guidance_scale`` != 1."""
-        if self.class_labels is None:
-            return self.model(x, t)
-        labels = self.class_labels.to(x.device)
-        if self.guidance_scale == 1.0:
-            return self.model(x, t, labels)
-        null = torch.full_like(labels, self.null_label)
-        tt = t if t.shape[0] == 1 else torch.cat([t, t])
-        cond, uncond = self.model(torch.cat([x, x]), tt, torch.cat([labels, null])).chunk(2)  # one forward of 2B
-        return uncond + self.guidance_scale * (cond - uncond)
+        """The raw model output at x (guided, when the model is)."""
+        return self.model(x, t)
 
     def __call__(self, x: Tensor, t: Tensor, a: float, b: float) -> tuple[Tensor, Tensor]:
         x0, eps = to_x0_eps(self.model_output(x, t), x, a, b, self.prediction_type)
@@ -152,11 +139,28 @@ class Denoiser:
         return x0, eps
 
     def select(self, idx: Tensor) -> "Denoiser":
-        """The same denoiser for the samples ``idx`` of its batch (its class labels sliced; itself when it has
-        none): solvers that keep working on some images of a batch only call it this way."""
-        if self.class_labels is None:
+        """The same denoiser for the samples ``idx`` of its batch (its model's conditions sliced; itself when the
+        model has none): solvers that keep working on some images of a batch only call it this way."""
+        if not hasattr(self.model, "select"):
             return self
-        return dataclasses.replace(self, class_labels=self.class_labels[idx.to(self.class_labels.device)])
+        return dataclasses.replace(self, model=self.model.select(idx))
+
+    @property
+    def guidance_gain(self) -> float:
+        """How much a change of the network's output can change the model's: ``|w| + |1 - w|`` under
+        classifier-free guidance of scale w, 1 otherwise."""
+        return float(getattr(self.model, "gain", 1.0))
+
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance weight of the model (1: none)."""
+        return float(getattr(self.model, "scale", 1.0))
+
+    def with_guidance_scale(self, scale: float) -> "Denoiser":
+        """The same denoiser with the model guided at another weight (a guided model only)."""
+        if not hasattr(self.model, "with_scale"):
+            raise ValueError("the model is not guided")
+        return dataclasses.replace(self, model=self.model.with_scale(scale))
 
     def frozen_jacobian(self, a: float, b: float) -> tuple[float, float]:
         """``(d x0_hat / d x, d eps_hat / d x)`` with the model output held (see :func:`frozen_jacobian`); the

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .conditioning import ClassLabels, Cond, Conditioner, Unconditioned
 from .errors import InputError, NumericsError, OutputExistsError, SettingError
 from .prediction import PREDICTION_TYPES, from_x0_eps
 from .settings import SamplerSettings
@@ -240,7 +241,7 @@ def init_weights(model: torch.nn.Module, cfg: TrainConfig, autoencoder: FrozenAu
     its class embedding starts at zero, so the model starts as exactly the unconditional one. A latent run
     (``autoencoder``) may start from a latent checkpoint with the same autoencoder (weights and scale), a pixel run
     not from a latent one."""
-    from .checkpoint import load, resolve
+    from .families import load, resolve
     from .nets.unet2d import normalize_config
 
     r = resolve(cfg.init)
@@ -287,13 +288,14 @@ def batch_indices(step: int, n: int, cfg: TrainConfig, rank: int, world: int) ->
 
 
 def training_example(x0: Tensor, step: int, cfg: TrainConfig, settings: SamplerSettings, rank: int,
-                     alphas_cumprod: Tensor | None = None, labels: Tensor | None = None, flipped: Tensor | None = None):
-    """Noised inputs, model times, targets and class labels (None for an unconditional run) for one batch
+                     alphas_cumprod: Tensor | None = None, cond: Cond | None = None, null: Cond | None = None,
+                     flipped: Tensor | None = None):
+    """Noised inputs, model times, targets and conditions (None for an unconditional run) for one batch
     x0 (B, C, H, W); randomness from (seed, step, rank).
 
     ``alphas_cumprod``: the VP schedule's table (float64, (T,)), computed once by the caller; built here if None.
-    ``labels``: the batch's classes; a share ``label_dropout`` of them becomes the null class (drawn after every
-    other draw, so an unconditional run's examples are the same with or without this).
+    ``cond``: the batch's conditions; a share ``label_dropout`` of them becomes the null condition ``null`` (drawn
+    after every other draw, so an unconditional run's examples are the same with or without this).
     ``flipped``: with ``hflip``, the mirrored examples when they are not ``x0.flip(-1)`` (a latent run: the
     latents of the mirrored images).
     """
@@ -317,10 +319,10 @@ def training_example(x0: Tensor, step: int, cfg: TrainConfig, settings: SamplerS
     a, b = a.float().view(-1, 1, 1, 1), b.float().view(-1, 1, 1, 1)
     x_t = a * x0 + b * eps
     target = from_x0_eps(x0, eps, a, b, cfg.objective)
-    if labels is not None:
+    if cond is not None:
         dropped = torch.rand(B, generator=g) < cfg.label_dropout
-        labels = torch.where(dropped, torch.full_like(labels, cfg.num_classes), labels)
-    return x_t, t_model.float(), target, labels
+        cond = cond.where(dropped, null)
+    return x_t, t_model.float(), target, cond
 
 
 def _save_state(out: Path, state: TrainState, cfg: TrainConfig, elapsed: float = 0.0,
@@ -412,25 +414,26 @@ def _trim_metrics(path: Path, step: int) -> None:
         write_bytes_atomic(path, "".join(keep).encode())
 
 
+def conditioner(cfg: TrainConfig) -> Conditioner:
+    """How the trained model is conditioned: class ids 0 .. num_classes - 1 and the null class num_classes that label
+    dropout teaches (a class-conditional run), or not at all."""
+    if cfg.class_conditional:
+        return ClassLabels(cfg.num_classes + 1, cfg.num_classes)
+    return Unconditioned()
+
+
 @torch.no_grad()
 def preview(ema: torch.nn.Module, cfg: TrainConfig, n: int = 16, steps: int = 50,
             autoencoder: torch.nn.Module | None = None) -> Tensor:
-    """A grid (C, H', W') of n EMA samples (seeds 0..n-1, DDIM eta 0), decoded by ``autoencoder`` in a latent
-    run."""
+    """A grid (C, H', W') of n EMA samples (seeds 0..n-1, DDIM eta 0; class i mod K for image i), made as
+    ``ddimctl sample`` makes them, decoded by ``autoencoder`` in a latent run."""
+    from .engine import Engine, SamplingOptions
+    from .families.unet import in_memory
     from .images import make_grid
-    from .sampler import make_generators, randn, sample
 
-    import dataclasses as dc
-
-    settings = cfg.settings()
-    device = next(ema.parameters()).device
-    x = randn(make_generators(range(n)), (cfg.sample_channels, cfg.sample_size, cfg.sample_size), device=device)
-    denoiser = settings.denoiser(ema)
-    if cfg.class_conditional:  # image i shows class i mod K
-        denoiser = dc.replace(denoiser, class_labels=torch.arange(n, device=device) % cfg.num_classes)
-    x0 = sample(denoiser, x, settings.plan(steps))
-    if autoencoder is not None:
-        x0 = autoencoder.decode(x0.float())  # latents (n, C_lat, h, w) -> images (n, C, H, W)
+    model = in_memory(ema, cfg.settings(), autoencoder, conditioner(cfg))
+    engine = Engine(model, SamplingOptions(steps=steps), next(ema.parameters()).device)
+    _, x0 = engine.generate(range(n), conditions=engine.default_conditions(n))
     return make_grid(x0.float().cpu())
 
 
@@ -505,21 +508,25 @@ def train(
         del images
         latent_stats = {"latent_mean": data.mean().item(), "latent_std": data.std().item()}
     alphas_cumprod = None if settings.kind == "flow" else torch.as_tensor(settings.schedule().alphas_cumprod)
+    conds = null = None
+    if cfg.class_conditional:  # each image's condition, and the null condition label dropout shows instead
+        cond_kind = conditioner(cfg)
+        conds, null = cond_kind.encode(labels.tolist(), n, "cpu"), cond_kind.null(None, cfg.batch_size, "cpu")
     t_start = time.perf_counter() - elapsed0  # elapsed seconds continue across resumes
     log = _MetricsLog(out / "metrics.jsonl" if rank == 0 else None)
     try:
         while state.step < cfg.train_steps:
             step = state.step
             idx = batch_indices(step, n, cfg, rank, world)
-            x_t, t, target, lab = training_example(data[idx], step, cfg, settings, rank, alphas_cumprod,
-                                                   labels[idx] if cfg.class_conditional else None,
-                                                   flipped[idx] if flipped is not None else None)
+            x_t, t, target, cond = training_example(data[idx], step, cfg, settings, rank, alphas_cumprod,
+                                                    None if conds is None else conds.select(idx), null,
+                                                    flipped[idx] if flipped is not None else None)
             x_t, t, target = x_t.to(device), t.to(device), target.to(device)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                pred = state.model(x_t, t) if lab is None else state.model(x_t, t, lab.to(device))
+                pred = state.model(x_t, t, **({} if cond is None else cond.to(device).kwargs()))
                 loss = torch.nn.functional.mse_loss(pred.float(), target)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:

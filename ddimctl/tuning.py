@@ -12,9 +12,9 @@ start is pure noise); the first call stays at the start and the last step goes t
 plan. ``theta = 0`` is exactly the ``logsnr`` spacing. Model times follow the levels through the schedule
 (:class:`LevelMap`, differentiable), so the model is called where its input's noise level is.
 
-A tuned schedule is saved as a small JSON file (:func:`save_schedule`) that names the model and revision, the
-sampler, S, the levels and the errors measured on the training noises and on held-out ones;
-:func:`load_schedule` refuses a file tuned for another model, sampler or noise schedule.
+A tuned schedule is saved as a small JSON file (:mod:`ddimctl.schedule_files`) that names the model and revision,
+the sampler, S, the levels and the errors measured on the training noises and on held-out ones; a command refuses
+a file tuned for another model, sampler or noise schedule. :meth:`ddimctl.engine.Engine.tune` tunes a loaded model.
 
     ref = reference_samples(denoise, schedule, noises)                       # (K, ...) x0 with 200 calls
     plan = tune_plan(denoise, schedule, 10, "unipc", noises, reference=ref)  # a SamplingPlan with 10 calls
@@ -22,23 +22,17 @@ sampler, S, the levels and the errors measured on the training noises and on hel
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import InputError, SettingError, first_line
 from .sampler import SAMPLE_FUNCTIONS, SAMPLERS, Denoise, sample
 from .schedule import SamplingPlan, Schedule, make_plan, plan_from_lambdas, shift_sigma
 
-FORMAT = "ddimctl-schedule"
-FORMAT_VERSION = 1
 #: The sampler and number of calls of the reference that tuning matches by default (a third-order sampler on
 #: log-SNR steps; 200 calls is far more accurate than anything tuned at <= 20 calls, benchmarks/samplers.py).
 REFERENCE_SAMPLER, REFERENCE_STEPS = "unipc", 200
@@ -172,7 +166,12 @@ def _batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
-@torch.no_grad()
+def _part(denoise: Denoise, sl: slice) -> Denoise:
+    """``denoise`` for the noises ``sl`` of the batch it was made for (a conditioned denoiser slices its
+    conditions; a plain callable is the same for every noise)."""
+    return denoise.select(sl) if hasattr(denoise, "select") else denoise
+
+
 def reference_samples(
     denoise: Denoise,
     schedule: Schedule,
@@ -183,8 +182,7 @@ def reference_samples(
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> Tensor:
     """The x0 of each noise (K, ...) sampled with ``steps`` calls of ``sampler`` on ``logsnr`` steps."""
-    plan = make_plan(schedule, steps, "logsnr")
-    return torch.cat([sample(denoise, noises[sl], plan, sampler, callback=callback) for sl in _batches(len(noises), batch_size)])
+    return reference_trajectory(denoise, schedule, noises, sampler, steps, batch_size, callback, keep=False).x0
 
 
 @torch.no_grad()
@@ -193,7 +191,7 @@ def plan_error(denoise: Denoise, plan: SamplingPlan, sampler: str, noises: Tenso
     """RMS difference between the samples of ``plan`` from ``noises`` and ``reference`` (all values)."""
     total, count = 0.0, 0
     for sl in _batches(len(noises), batch_size):
-        x0 = sample(denoise, noises[sl], plan, sampler)
+        x0 = sample(_part(denoise, sl), noises[sl], plan, sampler)
         total += float((x0.double() - reference[sl].to(x0.device).double()).pow(2).sum())
         count += x0.numel()
     return math.sqrt(total / count)
@@ -223,22 +221,27 @@ def reference_trajectory(
     steps: int = REFERENCE_STEPS,
     batch_size: int = 64,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    keep: bool = True,
 ) -> Reference:
-    """:func:`reference_samples` that also keeps every call's point and data prediction (for :func:`gits_lambdas`)."""
+    """The reference samples of ``noises`` (as :func:`reference_samples`) and, with ``keep``, every call's point
+    and data prediction (for :func:`gits_lambdas`)."""
     plan = make_plan(schedule, steps, "logsnr")
     outs, points, x0s = [], [[] for _ in range(steps)], [[] for _ in range(steps)]
     for sl in _batches(len(noises), batch_size):
         seen: list[Tensor] = [noises[sl]]
 
-        def keep(info: dict[str, Any]) -> None:
-            k = info["step"] - 1
-            points[k].append(seen[-1])  # the point the model was called at (the previous step's result)
-            x0s[k].append(info["x0"])
-            seen.append(info["x"])
+        def record(info: dict[str, Any]) -> None:
+            if keep:
+                k = info["step"] - 1
+                points[k].append(seen[-1])  # the point the model was called at (the previous step's result)
+                x0s[k].append(info["x0"])
+                seen.append(info["x"])
             if callback is not None:
                 callback(info)
 
-        outs.append(sample(denoise, noises[sl], plan, sampler, callback=keep))
+        outs.append(sample(_part(denoise, sl), noises[sl], plan, sampler, callback=record))
+    if not keep:
+        return Reference(torch.cat(outs), plan)
     return Reference(torch.cat(outs), plan, [torch.cat(p) for p in points], [torch.cat(p) for p in x0s])
 
 
@@ -396,7 +399,7 @@ def tune_plan(
         total = 0.0
         for sl in _batches(len(noises), batch_size):
             plan = params.plan(theta)  # rebuilt per batch (cheap), so each backward frees its whole graph
-            x0 = sample(denoise, noises[sl], plan, sampler)
+            x0 = sample(_part(denoise, sl), noises[sl], plan, sampler)
             loss = (x0.double() - ref_x0[sl].to(x0.device).double()).pow(2).sum() / n_values
             loss.backward()
             total += float(loss.detach())
@@ -410,197 +413,3 @@ def tune_plan(
         if callback is not None:
             callback({"phase": "tuning", "step": it + 1, "total": iterations, "error": error})
     return best_plan
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tuning a loaded model (what ``ddimctl tune`` runs)
-
-
-def model_identity(source: Any) -> tuple[str | None, str | None]:
-    """(reference, revision) of the weights an engine runs: the Hub commit for Hub models, else
-    ``sha256:<hex>`` of the weights file (so retrained built-in or local weights are told apart)."""
-    if source is None:
-        return None, None
-    revision = getattr(source, "revision", None)
-    weights = getattr(source, "weights", None)
-    if not revision and weights is not None:
-        from .checkpoint import sha256_file
-
-        revision = "sha256:" + sha256_file(Path(weights))
-    return getattr(source, "ref", None), revision
-
-
-def tune_engine(
-    engine: Any,
-    seeds: Sequence[int],
-    heldout_seeds: Sequence[int],
-    method: str = "ld3",
-    iterations: int = 20,
-    reference_steps: int = REFERENCE_STEPS,
-    batch_size: int = 64,
-    callback: Callable[[dict[str, Any]], None] | None = None,
-) -> "TunedSchedule":
-    """Tune ``engine.plan``'s levels for ``engine.options.sampler`` with ``engine.options.steps`` calls on the noises
-    of ``seeds`` (each seed's x_T, as ``Engine.generate`` draws it), then measure the tuned and the untuned plan
-    (``engine.plan``, the engine's spacing) against the reference on those and on ``heldout_seeds``.
-
-    ``callback`` gets ``phase`` ("reference", "tuning", "held-out"), ``step`` and ``total``. The model's
-    parameters are frozen while tuning and restored after.
-    """
-    sampler, steps = engine.options.sampler, engine.options.steps
-    schedule = engine.settings.schedule()
-    denoise = engine.denoiser
-    model = engine.model
-    frozen = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else []
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        noises = engine.noise(list(seeds))
-        ref = reference_trajectory(denoise, schedule, noises, REFERENCE_SAMPLER, reference_steps, batch_size,
-                                   callback=_phase(callback, "reference"))
-        report = TuneReport()
-        inits = [*DEFAULT_INITS, engine.plan]
-        plan = tune_plan(denoise, schedule, steps, sampler, noises, ref, method=method, iterations=iterations,
-                         init=inits, batch_size=batch_size, callback=callback, report=report)
-        errors = {"train": {"tuned": plan_error(denoise, plan, sampler, noises, ref.x0, batch_size),
-                            "untuned": plan_error(denoise, engine.plan, sampler, noises, ref.x0, batch_size)}}
-        if len(heldout_seeds):
-            held = engine.noise(list(heldout_seeds))
-            held_ref = reference_samples(denoise, schedule, held, REFERENCE_SAMPLER, reference_steps, batch_size,
-                                         callback=_phase(callback, "held-out"))
-            errors["heldout"] = {"tuned": plan_error(denoise, plan, sampler, held, held_ref, batch_size),
-                                 "untuned": plan_error(denoise, engine.plan, sampler, held, held_ref, batch_size)}
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    ref_name, revision = model_identity(engine.source)
-    own = {f"plan {len(inits) - 1}": f"{engine.spacing} (untuned)"}  # tune_plan's name for the engine's plan
-    tuning = {
-        "method": method, "iterations": iterations if method == "ld3" else 0,
-        "reference": {"sampler": REFERENCE_SAMPLER, "steps": reference_steps, "spacing": "logsnr"},
-        "clip_sample": bool(engine.settings.clip_sample),
-        "untuned_spacing": engine.spacing, "seeds": list(seeds), "heldout_seeds": list(heldout_seeds),
-        "init": own.get(report.init, report.init),
-        "init_errors": {own.get(k, k): v for k, v in report.init_errors.items()},
-        "initial_error": report.initial_error, "losses": report.losses,
-    }
-    return TunedSchedule.from_plan(plan, ref_name or "", revision, sampler, engine.settings.kind,
-                                   engine.settings.prediction_type, errors=errors, tuning=tuning)
-
-
-def _phase(callback, phase: str):
-    if callback is None:
-        return None
-    return lambda info: callback({**info, "phase": phase})
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Schedule files
-
-
-@dataclass
-class TunedSchedule:
-    """The content of a schedule file. ``timesteps`` (S model times), ``a``, ``b`` (S + 1 levels, the last the
-    clean end); ``errors``: RMS against the reference on the training and held-out noises, tuned and untuned
-    (``{"train": {"tuned": .., "untuned": ..}, "heldout": {...}}``); ``tuning``: how it was made."""
-
-    model: str
-    model_revision: str
-    sampler: str
-    steps: int
-    kind: str
-    prediction_type: str
-    timesteps: list[float]
-    a: list[float]
-    b: list[float]
-    errors: dict[str, dict[str, float]] = field(default_factory=dict)
-    tuning: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_plan(cls, plan: SamplingPlan, model: str, model_revision: str | None, sampler: str, kind: str,
-                  prediction_type: str, **extra: Any) -> "TunedSchedule":
-        plan = detach_plan(plan)
-        return cls(model, model_revision or "", sampler, len(plan), kind, prediction_type,
-                   [float(v) for v in plan.timesteps], [float(v) for v in plan.a], [float(v) for v in plan.b], **extra)
-
-    def plan(self) -> SamplingPlan:
-        return SamplingPlan(np.asarray(self.timesteps, np.float64), np.asarray(self.a, np.float64),
-                            np.asarray(self.b, np.float64))
-
-
-def save_schedule(path: str | os.PathLike, schedule: TunedSchedule) -> Path:
-    """Write ``schedule`` as JSON (atomically), with the format name and the package version."""
-    from . import __version__
-    from .fsutil import write_bytes_atomic
-
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "ddimctl_version": __version__, **asdict(schedule)}
-    return write_bytes_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
-
-
-def read_schedule(path: str | os.PathLike) -> TunedSchedule:
-    """Read a schedule file; a file that is not one is a one-line :class:`InputError`."""
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except OSError as e:
-        raise InputError(f"{p}: cannot read the schedule ({first_line(e)})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{p}: not a ddimctl schedule file (not JSON: {first_line(e)})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise InputError(f"{p}: not a ddimctl schedule file (no \"format\": \"{FORMAT}\")")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{p}: schedule format version {doc.get('format_version')} is not supported")
-    names = {f for f in TunedSchedule.__dataclass_fields__}
-    try:
-        sched = TunedSchedule(**{k: v for k, v in doc.items() if k in names})
-        plan = sched.plan()
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{p}: malformed schedule file ({first_line(e)})") from None
-    S = sched.steps
-    if not (len(plan.timesteps) == S and len(plan.a) == len(plan.b) == S + 1 and S >= 1):
-        raise InputError(f"{p}: malformed schedule file (expected {S} timesteps and {S + 1} levels)")
-    if not (np.all(np.isfinite(plan.timesteps)) and np.all(np.isfinite(plan.a)) and np.all(np.isfinite(plan.b))):
-        raise InputError(f"{p}: malformed schedule file (non-finite levels)")
-    return sched
-
-
-def load_schedule(
-    path: str | os.PathLike,
-    model_ref: str | None,
-    revision: str | None,
-    sampler: str,
-    steps: int | None = None,
-    schedule: Schedule | None = None,
-) -> SamplingPlan:
-    """The plan of a schedule file, refused (one-line :class:`SettingError` on ``schedule``) when it was tuned for
-    other weights (``revision``, see :func:`model_identity`; by ``model_ref`` where a revision is missing), another sampler, another number of steps (when ``steps`` is given) or
-    another noise schedule (when ``schedule`` is given: the file's levels must be the schedule's at its times)."""
-    sched = read_schedule(path)
-    field_ = ("schedule", str(path))
-    if revision and sched.model_revision:
-        if sched.model_revision != revision:
-            raise SettingError(field_, f"tuned for model {sched.model} ({_short(sched.model_revision)}), not "
-                                       f"{model_ref} ({_short(revision)})")
-    elif model_ref is not None and sched.model != model_ref:
-        raise SettingError(field_, f"tuned for model {sched.model}, not {model_ref}")
-    if sched.sampler != sampler:
-        raise SettingError(field_, f"tuned for sampler {sched.sampler}, not {sampler}")
-    if steps is not None and sched.steps != steps:
-        raise SettingError(field_, f"tuned for {sched.steps} steps, not {steps}")
-    plan = sched.plan()
-    if schedule is not None:
-        if schedule.kind != sched.kind:
-            raise SettingError(field_, f"tuned for a {sched.kind} model, not a {schedule.kind} one")
-        try:
-            expected = [schedule.ab(float(t)) for t in plan.timesteps]
-        except ValueError as e:
-            raise SettingError(field_, f"does not fit this model's noise schedule ({first_line(e)})") from None
-        got = list(zip(plan.a[:-1], plan.b[:-1]))
-        if any(abs(ea - ga) > 1e-6 or abs(eb - gb) > 1e-6 for (ea, eb), (ga, gb) in zip(expected, got)):
-            raise SettingError(field_, "its levels are not this model's noise schedule at its timesteps")
-    return plan
-
-
-def _short(revision: str) -> str:
-    kind, _, digest = revision.rpartition(":")
-    return f"{kind + ':' if kind else ''}{digest[:12]}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ddimctl.checkpoint import load
+from ddimctl.families import load
 from ddimctl.images import make_grid, save_png
 from ddimctl.sampler import make_generators, randn, sample
 
@@ -34,7 +34,7 @@ def sample_grid(model: str, steps: int, n: int = 64, batch: int = 16) -> torch.T
     """A grid (C, H', W') in [-1, 1] of n samples of a checkpoint, seeds 0..n-1, DDIM eta 0, in batches of
     ``batch`` (the CLI's default: float results differ by ~1e-5 between batch sizes, now and then one PNG level)."""
     ckpt = load(model, device="cpu")
-    shape = (ckpt.channels, ckpt.image_size, ckpt.image_size)
+    shape = ckpt.image_shape
     denoise, plan = ckpt.settings.denoiser(ckpt.model), ckpt.settings.plan(steps)
     x0 = []
     for start in range(0, n, batch):

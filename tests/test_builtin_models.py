@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddimctl.checkpoint import BUILTIN_MODELS, load
+from ddimctl import BUILTIN_MODELS
+from ddimctl.families import load
 from ddimctl.images import mse
-from ddimctl.pipeline import Engine, SamplingOptions
+from ddimctl.engine import Engine, SamplingOptions
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -26,7 +27,7 @@ def heldout():
 @pytest.mark.parametrize("name", BUILTIN_MODELS)
 def test_builtin_model_loads_offline_and_is_small(name):
     ckpt = load(name)
-    assert ckpt.resolved.source == "builtin" and ckpt.image_size == 32 and ckpt.channels == 1
+    assert ckpt.resolved.source == "builtin" and ckpt.image_shape == (1, 32, 32)
     assert ckpt.resolved.weights.stat().st_size < 8 * 2**20
     assert ckpt.settings.prediction_type == ("flow" if name == "mnist-flow" else "epsilon")
 
@@ -42,9 +43,9 @@ def test_exact_inversion_reconstructs_heldout_digits_at_10_steps(name, heldout):
         # as invert and reconstruct build it: inverting=True picks their default spacing (logsnr)
         options = SamplingOptions(steps=10, inversion=inversion, tol=1e-5, max_iter=50, inverting=True)
         engine = Engine.load(name, options, device="cpu")
-        labels = engine.class_labels(y) if conditional else None
-        x_T, stats = engine.invert(x, labels=labels)
-        results[inversion] = float(mse(engine.decode(x_T, labels=labels), x).mean())
+        labels = y.tolist() if conditional else None
+        inv = engine.invert(x, conditions=labels)
+        results[inversion] = float(mse(engine.decode(inv.x_T, conditions=labels), x).mean())
     assert results["exact"] <= 1e-5, results  # per-dimension MSE, images in [0, 1]
     assert results["plain"] > 100 * results["exact"], results  # plain DDIM inversion at 10 steps is far off
 
@@ -58,14 +59,13 @@ def test_mnist_cond_samples_the_requested_digits():
 
     train_x, train_y = load_builtin_dataset("mnist", with_labels=True)
     engine = Engine.load("mnist-cond", SamplingOptions(steps=10, guidance_scale=3.0), device="cpu")
-    wanted = torch.tensor(engine.default_labels(range(20)))
-    _, x0 = engine.generate(range(20), labels=engine.class_labels(wanted))
+    wanted = torch.tensor(engine.default_conditions(20))
+    _, x0 = engine.generate(range(20), conditions=wanted.tolist())
     nearest = torch.cdist(x0.clamp(-1, 1).flatten(1), train_x.flatten(1)).argmin(1)
     assert int((train_y[nearest] == wanted).sum()) >= 18, (train_y[nearest].tolist(), wanted.tolist())
     # the same seeds unguided under the null class are not steered: far fewer land on the class asked for
-    null = torch.full_like(wanted, engine.null_label)
     unguided = Engine.load("mnist-cond", SamplingOptions(steps=10), device="cpu")
-    _, u0 = unguided.generate(range(20), labels=null)
+    _, u0 = unguided.generate(range(20), conditions=[engine.conditioner.null_label] * 20)
     nearest_u = torch.cdist(u0.clamp(-1, 1).flatten(1), train_x.flatten(1)).argmin(1)
     assert int((train_y[nearest_u] == wanted).sum()) <= 10
 

@@ -12,15 +12,15 @@ import pytest
 import safetensors.torch
 import torch
 
-from ddimctl import checkpoint
+from ddimctl import checkpoint, families
 from ddimctl.checkpoint import (
     BUILTIN_MODELS,
     DEFAULT_MODEL,
     parse_hub_ref,
-    resolve,
     save,
     save_file,
 )
+from ddimctl.families import resolve
 from ddimctl.cli.errors import error_line
 from ddimctl.errors import ConfigError, ModelError, OutputError
 from ddimctl.settings import SamplerSettings
@@ -82,7 +82,7 @@ def outputs(m: torch.nn.Module, size: int = 8, channels: int = 3) -> torch.Tenso
 def one_line_error(ref, *needles, cls=ModelError, fn=None) -> str:
     """Assert that loading ``ref`` fails with a one-line ``cls`` containing every needle; return the message."""
     with pytest.raises(cls) as info:
-        (fn or checkpoint.load)(ref)
+        (fn or families.load)(ref)
     msg = str(info.value)
     assert "\n" not in msg, msg
     for needle in needles:
@@ -99,11 +99,11 @@ def test_directory_round_trip_gives_identical_outputs(saved, model):
         ["config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json", "ddimctl.json"]
     )
     assert [p.name for p in saved.parent.iterdir()] == ["ckpt"]  # no temporary siblings left behind
-    ckpt = checkpoint.load(saved)
+    ckpt = families.load(saved)
     assert torch.equal(outputs(ckpt.model), outputs(model))
     assert not ckpt.model.training
     assert ckpt.resolved.source == "dir" and ckpt.resolved.revision is None and ckpt.resolved.repo_id is None
-    assert (ckpt.channels, ckpt.image_size) == (3, 8)
+    assert ckpt.image_shape == (3, 8, 8)
     assert ckpt.parameters == sum(p.numel() for p in model.parameters())
     assert ckpt.settings.prediction_type == "v_prediction" and ckpt.settings.timestep_spacing == "trailing"
     meta = json.loads((saved / "ddimctl.json").read_text())
@@ -121,13 +121,13 @@ def test_single_file_round_trip_carries_configs_in_metadata(tmp_path, model):
     path = save_file(tmp_path / "m.safetensors", model, settings, {"objective": "epsilon"})
     r = resolve(str(path))
     assert r.source == "file" and r.files == [path] and r.meta["objective"] == "epsilon"
-    ckpt = checkpoint.load(r)
+    ckpt = families.load(r)
     assert torch.equal(outputs(ckpt.model), outputs(model))
     assert ckpt.settings == settings
     with pytest.raises(OutputError):
         save_file(path, model, settings)
     save_file(path, tiny_model(seed=5), settings, overwrite=True)
-    assert not torch.equal(outputs(checkpoint.load(path).model), outputs(model))
+    assert not torch.equal(outputs(families.load(path).model), outputs(model))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
 
@@ -139,7 +139,7 @@ def test_save_refuses_to_overwrite_and_swaps_with_overwrite(saved, model):
     assert error_line(info.value) == (f"{saved}: already exists (use --overwrite to replace it)", 1)
     other = tiny_model(seed=3)
     save(saved, other, settings, {"v": 2}, overwrite=True)
-    assert torch.equal(outputs(checkpoint.load(saved).model), outputs(other))
+    assert torch.equal(outputs(families.load(saved).model), outputs(other))
     assert json.loads((saved / "ddimctl.json").read_text())["v"] == 2
     assert [p.name for p in saved.parent.iterdir()] == ["ckpt"]
 
@@ -158,7 +158,7 @@ def test_failed_save_leaves_the_old_checkpoint_and_no_debris(saved, model, monke
 
 
 def test_load_casts_to_the_requested_dtype(saved, model):
-    ckpt = checkpoint.load(str(saved), device="cpu", dtype=torch.bfloat16)
+    ckpt = families.load(str(saved), device="cpu", dtype=torch.bfloat16)
     assert {p.dtype for p in ckpt.model.parameters()} == {torch.bfloat16}
     assert all(p.device.type == "cpu" for p in ckpt.model.parameters())
     ref = outputs(model)
@@ -169,7 +169,7 @@ def test_weights_stored_in_half_precision_are_cast(tmp_path, model):
     out = save(tmp_path / "half", model, SamplerSettings())
     state = safetensors.torch.load_file(out / "diffusion_pytorch_model.safetensors")
     safetensors.torch.save_file({k: v.half() for k, v in state.items()}, out / "diffusion_pytorch_model.safetensors")
-    ckpt = checkpoint.load(out)
+    ckpt = families.load(out)
     assert {p.dtype for p in ckpt.model.parameters()} == {torch.float32}
     assert torch.allclose(outputs(ckpt.model), outputs(model), atol=0.05)
 
@@ -185,7 +185,7 @@ def test_pipeline_layout_with_unet_and_scheduler_folders(tmp_path, saved, model)
     (root / "model_index.json").write_text(json.dumps({"_class_name": "DDIMPipeline",
                                                        "unet": ["diffusers", "UNet2DModel"],
                                                        "scheduler": ["diffusers", "DDIMScheduler"]}))
-    ckpt = checkpoint.load(root)
+    ckpt = families.load(root)
     assert ckpt.resolved.weights == root / "unet" / "diffusion_pytorch_model.safetensors"
     assert ckpt.settings.prediction_type == "sample"
     assert root / "model_index.json" in ckpt.resolved.files
@@ -194,14 +194,14 @@ def test_pipeline_layout_with_unet_and_scheduler_folders(tmp_path, saved, model)
 
 def test_missing_scheduler_config_means_defaults(tmp_path, saved):
     (saved / "scheduler_config.json").unlink()
-    ckpt = checkpoint.load(saved)
+    ckpt = families.load(saved)
     assert ckpt.resolved.scheduler_config == {} and ckpt.settings == SamplerSettings()
 
 
 @pytest.mark.parametrize("scheduler", [CIFAR10_LEGACY_SCHEDULER, CIFAR10_DDPM_SCHEDULER], ids=["legacy", "ddpm"])
 def test_ddpm_cifar10_scheduler_configs(saved, scheduler):
     (saved / "scheduler_config.json").write_text(json.dumps(scheduler))
-    settings = checkpoint.load(saved).settings
+    settings = families.load(saved).settings
     assert settings.num_train_timesteps == 1000 and settings.clip_sample is True
     assert settings.prediction_type == "epsilon" and settings.beta_schedule == "linear"
 
@@ -216,7 +216,7 @@ def test_legacy_attention_key_names_load(saved, model):
         state[k] = v
     assert any(".query." in k for k in state)
     safetensors.torch.save_file(state, weights, metadata={"format": "pt"})
-    assert torch.equal(outputs(checkpoint.load(saved).model), outputs(model))
+    assert torch.equal(outputs(families.load(saved).model), outputs(model))
 
 
 def test_describe_summarizes_without_loading(saved, model):
@@ -243,7 +243,7 @@ def test_diffusers_save_pretrained_output_loads(tmp_path):
     ref = diffusers.UNet2DModel(**cfg).eval()
     ref.save_pretrained(tmp_path / "d")  # safetensors by default
     diffusers.DDIMScheduler(prediction_type="v_prediction", clip_sample=False).save_pretrained(tmp_path / "d")
-    ckpt = checkpoint.load(tmp_path / "d")
+    ckpt = families.load(tmp_path / "d")
     assert ckpt.settings.prediction_type == "v_prediction" and ckpt.settings.clip_sample is False
     torch.testing.assert_close(outputs(ckpt.model), outputs(ref), atol=1e-5, rtol=1e-5)
 
@@ -328,7 +328,7 @@ def test_hub_reference_forms_resolve_offline_from_the_cache(hub, model, form):
     r = resolve(ref)
     assert (r.source, r.repo_id, r.revision, r.ref) == ("hub", "owner/tiny-ddpm", rev, ref)
     assert r.weights.parent == cache / "models--owner--tiny-ddpm" / "snapshots" / rev
-    ckpt = checkpoint.load(r)
+    ckpt = families.load(r)
     assert torch.equal(outputs(ckpt.model), outputs(model))
     assert ckpt.settings.prediction_type == "v_prediction"
     assert r.describe()["revision"] == rev
@@ -342,7 +342,7 @@ def test_hub_branch_and_pipeline_layout(hub, saved, model):
     rev = add_snapshot(cache, "owner/pipe", files, ref="v1")
     r = resolve("owner/pipe@v1")
     assert r.revision == rev and r.weights.parent.name == "unet"
-    ckpt = checkpoint.load(r)
+    ckpt = families.load(r)
     assert ckpt.settings.num_train_timesteps == 1000 and ckpt.settings.clip_sample
     one_line_error("owner/pipe", "owner/pipe", "HF_HUB_OFFLINE", fn=resolve)  # no refs/main for this repo
 
@@ -455,7 +455,7 @@ def test_single_file_without_config(tmp_path, model):
     # a config.json beside a bare weights file is used
     safetensors.torch.save_file(dict(model.state_dict()), path)
     (tmp_path / "config.json").write_text(json.dumps(model.config))
-    assert torch.equal(outputs(checkpoint.load(path).model), outputs(model))
+    assert torch.equal(outputs(families.load(path).model), outputs(model))
 
 
 def test_missing_and_unexpected_keys(saved):
@@ -511,4 +511,4 @@ def test_save_unwraps_a_compiled_model(tmp_path, model):
     compiled = Compiled(model)
     assert next(iter(compiled.state_dict())).startswith("_orig_mod.")
     out = save(tmp_path / "c", compiled, SamplerSettings())
-    assert torch.equal(outputs(checkpoint.load(out).model), outputs(model))
+    assert torch.equal(outputs(families.load(out).model), outputs(model))

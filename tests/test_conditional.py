@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from ddimctl.checkpoint import save
-from ddimctl.pipeline import Engine, SamplingOptions
+from ddimctl.conditioning import ClassLabels, guide
+from ddimctl.engine import Engine, SamplingOptions
 from ddimctl.prediction import Denoiser
 from ddimctl.settings import SamplerSettings
 from ddimctl.nets.unet2d import UNet2DModel
@@ -53,22 +54,28 @@ def run(*args):
 def test_guidance_is_one_forward_of_2b_combined_by_the_formula():
     calls = []
 
-    def model(x, t, labels):
-        calls.append(labels.tolist())
-        return x * 0.5 + labels.view(-1, 1).double()  # each class its own output
+    def network(x, t, class_labels):
+        calls.append(class_labels.tolist())
+        return x * 0.5 + class_labels.view(-1, 1).double()  # each class its own output
 
     x = torch.randn(3, 4, dtype=torch.float64)
     t = torch.tensor([10.0])
-    labels = torch.tensor([0, 2, 1])
+    labels = ClassLabels(4, 3)
+    cond, null = labels.encode([0, 2, 1], 3, "cpu"), labels.null(None, 3, "cpu")
     w = 2.5
-    out = Denoiser(model, class_labels=labels, guidance_scale=w, null_label=3).model_output(x, t)
+    out = Denoiser(guide(network, labels, cond, null, w)).model_output(x, t)
     assert calls == [[0, 2, 1, 3, 3, 3]]  # one call: the B conditional samples, then the same B with the null class
-    cond, uncond = model(x, t, labels), model(x, t, torch.full((3,), 3))
-    torch.testing.assert_close(out, uncond + w * (cond - uncond), rtol=0, atol=0)
+    c, u = network(x, t, torch.tensor([0, 2, 1])), network(x, t, torch.full((3,), 3))
+    torch.testing.assert_close(out, u + w * (c - u), rtol=0, atol=0)
     # w = 1 is the plain conditional model (one forward of B)
     calls.clear()
-    torch.testing.assert_close(Denoiser(model, class_labels=labels).model_output(x, t), cond, rtol=0, atol=0)
+    torch.testing.assert_close(Denoiser(guide(network, labels, cond, null, 1.0)).model_output(x, t), c, rtol=0, atol=0)
     assert calls == [[0, 2, 1]]
+    # a guided denoiser keeps its guidance for the images it selects
+    calls.clear()
+    part = Denoiser(guide(network, labels, cond, null, w)).select(torch.tensor([1]))
+    torch.testing.assert_close(part.model_output(x[1:2], t), out[1:2], rtol=0, atol=0)
+    assert calls == [[2, 3]] and part.guidance_gain == w + (w - 1)
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -99,7 +106,7 @@ def test_guidance_needs_a_declared_null_class(tmp_path):
 def test_guidance_on_a_checkpoint_that_clips_gets_a_note(cond_dir, tmp_path):
     """cond_dir's scheduler clips x0: under guidance that derails the samples, so the run says so once (and not
     when clipping is turned off, nor without guidance)."""
-    from ddimctl.pipeline import GUIDED_CLIP_NOTE
+    from ddimctl.engine import GUIDED_CLIP_NOTE
 
     common = ["--model", cond_dir, "--n", 1, "--steps", 2, "--class-label", 1]
     guided = run("sample", *common, "--guidance-scale", 2, "--out", tmp_path / "a")
@@ -124,23 +131,23 @@ def test_class_conditional_sampling_equals_diffusers(cond_dir):
     with torch.no_grad():
         for t in scheduler.timesteps:
             x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x).prev_sample
-    _, ours = engine.generate([0, 1, 2, 3], x_T, labels=engine.class_labels(labels))
+    _, ours = engine.generate([0, 1, 2, 3], x_T, conditions=labels.tolist())
     assert float((ours - x).abs().max()) <= 1e-4
-    _, other = engine.generate([0, 1, 2, 3], x_T, labels=engine.class_labels([1, 0, 0, 1]))
+    _, other = engine.generate([0, 1, 2, 3], x_T, conditions=[1, 0, 0, 1])
     assert float((other - x).abs().max()) > 1e-2  # the labels matter
 
 
 def test_exact_inversion_under_guidance_gives_the_image_back(cond_dir):
     engine = Engine.load(cond_dir, SamplingOptions(steps=8, guidance_scale=3.0, inverting=True, tol=1e-5))
-    labels = engine.class_labels([0, 2])
-    _, x0 = engine.generate([5, 6], labels=labels)
+    labels = [0, 2]
+    _, x0 = engine.generate([5, 6], conditions=labels)
     x0 = x0.clamp(-1, 1)
-    exact = engine.reconstruct(x0, labels=labels)
+    exact = engine.reconstruct(x0, conditions=labels)
     plain = Engine.load(cond_dir, SamplingOptions(steps=8, guidance_scale=3.0, inverting=True,
-                                                  inversion="plain")).reconstruct(x0, labels=labels)
+                                                  inversion="plain")).reconstruct(x0, conditions=labels)
     assert float(exact.mse.max()) <= 1e-8 < float(plain.mse.max())
     # decoding the same latents under another class gives another image: the label is in the inversion
-    other = engine.decode(exact.x_T, labels=engine.class_labels([1, 1]))
+    other = engine.decode(exact.x_T, conditions=[1, 1])
     assert float((other - exact.x0).abs().max()) > 1e-2
 
 
@@ -162,7 +169,7 @@ def test_class_conditional_training_records_the_null_class_and_starts_from_an_un
     for run_dir, clips in (("u", True), ("c", False)):
         config = json.loads((tmp_path / run_dir / "checkpoint" / "scheduler_config.json").read_text())
         assert config["clip_sample"] is clips
-    from ddimctl.checkpoint import load
+    from ddimctl.families import load
 
     u, c = load(tmp_path / "u" / "checkpoint").model, load(tmp_path / "c" / "checkpoint").model
     assert c.num_class_embeds == 11
@@ -175,7 +182,7 @@ def test_edit_changes_the_class_and_editing_to_the_same_class_gives_the_image_ba
     from ddimctl.images import save_png
 
     engine = Engine.load(cond_dir, SamplingOptions(steps=6))
-    _, x0 = engine.generate([1], labels=engine.class_labels([0]))
+    _, x0 = engine.generate([1], conditions=[0])
     save_png(x0[0].clamp(-1, 1), tmp_path / "a.png")
     common = ["--model", cond_dir, "--steps", 6, "--class-label", 0, "--tol", 1e-5, "--json", "--quiet"]
     same = run("edit", tmp_path / "a.png", *common, "--to-class-label", 0, "--out", tmp_path / "same")

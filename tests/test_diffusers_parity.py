@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddimctl import checkpoint
+from ddimctl import checkpoint, families
 from ddimctl.sampler import sample
 
 diffusers = pytest.importorskip("diffusers")
@@ -77,11 +77,11 @@ def test_ddimctl_matches_diffusers_ddim_pipeline(tmp_path, unet_dir, prediction_
         theirs = pipe(batch_size=BATCH, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
                       eta=0.0, output_type="np").images  # (B, H, W, C) in [0, 1]
 
-    ckpt = checkpoint.load(model_dir)
+    ckpt = families.load(model_dir)
     settings = ckpt.settings
     assert (settings.prediction_type, settings.clip_sample, settings.timestep_spacing) == (
         prediction_type, clip_sample, spacing)
-    shape = (BATCH, ckpt.channels, ckpt.image_size, ckpt.image_size)
+    shape = (BATCH, *ckpt.image_shape)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))  # what the pipeline draws on the CPU
     assert torch.equal(x_T, randn_tensor(shape, generator=torch.Generator().manual_seed(seed)))
 

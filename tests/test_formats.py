@@ -15,9 +15,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from ddimctl import checkpoint
+from ddimctl import checkpoint, families
 from ddimctl.nets.autoencoders import VQModel as OurVQModel
-from ddimctl.checkpoint import Resolved, resolve, resolve_autoencoder
+from ddimctl.checkpoint import Resolved, resolve_autoencoder
+from ddimctl.families import resolve
 from ddimctl.errors import ConfigError, ModelError
 
 from hubcache import add_snapshot, fake_hub, fetched, folder_files, offline_cache
@@ -90,7 +91,7 @@ def ldm(diffusers, tmp_path_factory):
 
 def test_latent_pipeline_is_refused_to_a_pixel_only_caller(ldm):
     root, _ = ldm
-    msg = _one_line(lambda: checkpoint.load(root))
+    msg = _one_line(lambda: families.load(root))
     assert msg == (
         f"{root}: a latent-diffusion model (its UNet makes 3x4x4 latents that the VQModel in "
         f"{root}/vqvae/config.json decodes to 3x8x8 images); this caller handles pixel models only (load with "
@@ -100,10 +101,10 @@ def test_latent_pipeline_is_refused_to_a_pixel_only_caller(ldm):
 
 def test_latent_pipeline_loads_unet_and_autoencoder_like_diffusers(ldm):
     root, pipe = ldm
-    ckpt = checkpoint.load(root, autoencoder=True)
+    ckpt = families.load(root, autoencoder=True)
     assert isinstance(ckpt.autoencoder, OurVQModel) and not ckpt.autoencoder.training
     assert ckpt.sample_shape == ckpt.latent_shape == (3, 4, 4)
-    assert ckpt.image_shape == (3, 8, 8) and (ckpt.channels, ckpt.image_size) == (3, 8)
+    assert ckpt.image_shape == (3, 8, 8)
     assert ckpt.resolved.autoencoder.weights.files == (root / "vqvae" / "diffusion_pytorch_model.safetensors",)
     assert ckpt.settings.clip_sample is False and ckpt.settings.beta_schedule == "scaled_linear"
     assert _max_diff(_unet_out(ckpt.model, X), _unet_out(pipe.unet, X)) <= 1e-5
@@ -124,7 +125,7 @@ def test_latent_pipeline_loads_unet_and_autoencoder_like_diffusers(ldm):
 
 def test_latent_pipeline_unet_alone_on_request(ldm):
     root, pipe = ldm
-    ckpt = checkpoint.load(root, autoencoder=False)
+    ckpt = families.load(root, autoencoder=False)
     assert ckpt.autoencoder is None and ckpt.latent_shape is None
     assert ckpt.sample_shape == ckpt.image_shape == (3, 4, 4)
     assert ckpt.notes == [f"{root}: autoencoder not loaded: the model's samples are 3x4x4 latents"]
@@ -134,8 +135,8 @@ def test_a_pipelines_unet_folder_or_file_is_read_with_its_pipeline(ldm):
     """ldm/unet alone would be a pixel model of 3x4x4 "images": it is read as part of its pipeline instead."""
     root, pipe = ldm
     for part in (root / "unet", root / "unet" / "diffusion_pytorch_model.safetensors"):
-        assert "a latent-diffusion model" in _one_line(lambda: checkpoint.load(part))
-        ckpt = checkpoint.load(part, autoencoder=True)
+        assert "a latent-diffusion model" in _one_line(lambda: families.load(part))
+        ckpt = families.load(part, autoencoder=True)
         assert ckpt.image_shape == (3, 8, 8) and ckpt.settings.beta_schedule == "scaled_linear"
         assert ckpt.notes[0] == f"{part}: read as part of the pipeline {root} (its scheduler and components)"
         assert _max_diff(_unet_out(ckpt.model, X), _unet_out(pipe.unet, X)) <= 1e-5
@@ -232,7 +233,7 @@ def ldm_without_scaling(ldm, tmp_path):
 def test_vq_config_without_scaling_factor_decodes_at_scale_one(ldm, ldm_without_scaling):
     root = ldm_without_scaling
     _, pipe = ldm
-    ckpt = checkpoint.load(root, autoencoder=True)
+    ckpt = families.load(root, autoencoder=True)
     assert ckpt.autoencoder.config["scaling_factor"] == 1.0
     assert ckpt.notes == [
         f"{root}/vqvae/config.json: no scaling_factor; ddimctl uses 1.0, the scale LDM's VQ models were trained "
@@ -251,16 +252,16 @@ def test_vq_config_without_scaling_factor_decodes_at_scale_one(ldm, ldm_without_
 
 def test_scaling_factor_override(ldm_without_scaling):
     root = ldm_without_scaling
-    ckpt = checkpoint.load(root, autoencoder=True, autoencoder_scaling_factor=0.5)
+    ckpt = families.load(root, autoencoder=True, autoencoder_scaling_factor=0.5)
     assert ckpt.autoencoder.config["scaling_factor"] == 0.5
     assert ckpt.notes == [f"{root}/vqvae/config.json: scaling_factor 0.5 as given (the config says none (default "
                           "0.18215))"]
     r = resolve(root)
-    again = checkpoint.load(r, autoencoder=True, autoencoder_scaling_factor=0.25)  # on a Resolved too
+    again = families.load(r, autoencoder=True, autoencoder_scaling_factor=0.25)  # on a Resolved too
     assert again.autoencoder.config["scaling_factor"] == 0.25 and len(again.notes) == 1
     assert r.autoencoder.scaling_factor == 1.0  # the Resolved given is not changed
     for bad in (0, -1.0, True):
-        msg = _one_line(lambda: checkpoint.load(root, autoencoder=True, autoencoder_scaling_factor=bad), ConfigError)
+        msg = _one_line(lambda: families.load(root, autoencoder=True, autoencoder_scaling_factor=bad), ConfigError)
         assert msg == f"autoencoder scaling_factor {bad!r}: expected a positive number"
 
 
@@ -299,9 +300,9 @@ def latent_unet(diffusers, tmp_path_factory):
 
 def test_pair_with_an_autoencoder_folder(latent_unet):
     root, unet, vae = latent_unet
-    bare = checkpoint.load(root / "unet4")  # a UNet alone: nothing says it is latent
+    bare = families.load(root / "unet4")  # a UNet alone: nothing says it is latent
     assert bare.autoencoder is None and bare.image_shape == (4, 4, 4)
-    ckpt = checkpoint.load(root / "unet4", autoencoder=root / "kl")
+    ckpt = families.load(root / "unet4", autoencoder=root / "kl")
     assert ckpt.sample_shape == (4, 4, 4) and ckpt.image_shape == (3, 8, 8)
     assert ckpt.resolved.autoencoder.source == "dir" and ckpt.resolved.autoencoder.ref == str(root / "kl")
     latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(8))
@@ -315,7 +316,7 @@ def test_pair_with_a_pipeline_folder_or_a_single_file(ldm, diffusers, tmp_path):
     root, pipe = ldm
     unet = tmp_path / "u"
     _unet(diffusers, seed=4).save_pretrained(unet)
-    ckpt = checkpoint.load(unet, autoencoder=root)  # a pipeline folder: its vqvae/
+    ckpt = families.load(unet, autoencoder=root)  # a pipeline folder: its vqvae/
     assert ckpt.resolved.autoencoder.config_source == str(root / "vqvae" / "config.json")
     assert ckpt.image_shape == (3, 8, 8)
     # a single .safetensors file carrying its config in the metadata
@@ -323,7 +324,7 @@ def test_pair_with_a_pipeline_folder_or_a_single_file(ldm, diffusers, tmp_path):
     single = tmp_path / "vq.safetensors"
     config = json.loads((root / "vqvae" / "config.json").read_text())
     safetensors.torch.save_file(state, single, metadata={"format": "pt", "config": json.dumps(config)})
-    from_file = checkpoint.load(unet, autoencoder=single)
+    from_file = families.load(unet, autoencoder=single)
     latents = torch.randn(1, 3, 4, 4)
     with torch.no_grad():
         assert torch.equal(from_file.autoencoder.decode(latents), ckpt.autoencoder.decode(latents))
@@ -333,7 +334,7 @@ def test_pairing_replaces_a_pipelines_own_autoencoder(ldm, diffusers, tmp_path):
     root, _ = ldm
     other = tmp_path / "other-vq"
     _vq(diffusers, seed=9).save_pretrained(other)
-    ckpt = checkpoint.load(root, autoencoder=other)
+    ckpt = families.load(root, autoencoder=other)
     assert ckpt.resolved.autoencoder.config_source == str(other / "config.json")
     assert ckpt.notes[-1] == (f"{root}: the autoencoder from {other} replaces the pipeline's own "
                               f"({root}/vqvae/config.json)")
@@ -342,12 +343,12 @@ def test_pairing_replaces_a_pipelines_own_autoencoder(ldm, diffusers, tmp_path):
 
 def test_pairing_checks_that_the_latents_fit(latent_unet, ldm):
     root, _, _ = latent_unet
-    msg = _one_line(lambda: checkpoint.load(root / "unet4", autoencoder=ldm[0]))
+    msg = _one_line(lambda: families.load(root / "unet4", autoencoder=ldm[0]))
     assert msg == (f"{root}/unet4/config.json: in_channels 4, but the autoencoder ({ldm[0]}/vqvae/config.json) makes "
                    "latents with 3 channels: they do not belong together")
-    msg = _one_line(lambda: checkpoint.load(root / "unet4", autoencoder=root / "unet4"), ConfigError)
+    msg = _one_line(lambda: families.load(root / "unet4", autoencoder=root / "unet4"), ConfigError)
     assert msg == (f"{root}/unet4/config.json: a UNet2DModel, not an autoencoder (supported: AutoencoderKL, VQModel)")
-    assert _one_line(lambda: checkpoint.load(root / "unet4", autoencoder="mnist")) == (
+    assert _one_line(lambda: families.load(root / "unet4", autoencoder="mnist")) == (
         "mnist: a built-in diffusion model, not an autoencoder")
 
 
@@ -355,7 +356,7 @@ def test_pair_with_a_hub_autoencoder(latent_unet, tmp_path, monkeypatch):
     root, _, vae = latent_unet
     cache = offline_cache(monkeypatch, tmp_path / "hf")
     rev = add_snapshot(cache, "owner/vae", folder_files(root / "kl"))
-    ckpt = checkpoint.load(root / "unet4", autoencoder="owner/vae")
+    ckpt = families.load(root / "unet4", autoencoder="owner/vae")
     ae = ckpt.resolved.autoencoder
     assert (ae.source, ae.repo_id, ae.revision) == ("hub", "owner/vae", rev)
     latents = torch.randn(1, 4, 4, 4)
@@ -381,7 +382,7 @@ def dit(diffusers, tmp_path_factory):
 def test_dit_pipeline_is_refused_naming_the_transformer(dit, tmp_path):
     expected = (f"{dit}/model_index.json: DiTPipeline's denoiser is a transformer (transformer: diffusers "
                 f"DiTTransformer2DModel, DiT-style), not a UNet2DModel; {RUNS}")
-    assert _one_line(lambda: checkpoint.load(dit), ConfigError) == expected
+    assert _one_line(lambda: families.load(dit), ConfigError) == expected
     assert _one_line(lambda: resolve(dit), ConfigError) == expected
     # without model_index.json: transformer/ says it (this used to read "no ... safetensors here or in unet/")
     bare = tmp_path / "bare"
@@ -424,7 +425,7 @@ def _pipeline_dir(tmp_path: Path, index: dict, unet_dir: Path | None = None) -> 
 
 def test_text_to_image_pipeline_is_refused_naming_the_text_encoder(tmp_path, latent_unet):
     root = _pipeline_dir(tmp_path, SD_INDEX, latent_unet[0] / "unet4")
-    assert _one_line(lambda: checkpoint.load(root), ConfigError) == (
+    assert _one_line(lambda: families.load(root), ConfigError) == (
         f"{root}/model_index.json: StableDiffusionPipeline is conditioned on text or images (component text_encoder: "
         f"transformers CLIPTextModel); {RUNS}, unconditional or class-conditional")
 
@@ -481,7 +482,7 @@ def test_null_components_and_pipeline_arguments_are_ignored(tmp_path, latent_une
                                     "requires_safety_checker": False, "id2label": {"0": "tench"}},
                          latent_unet[0] / "unet4")
     r = resolve(root)
-    assert r.pipeline.class_name == "DDPMPipeline" and set(r.pipeline.components) == {"unet", "scheduler"}
+    assert r.index.class_name == "DDPMPipeline" and set(r.index.components) == {"unet", "scheduler"}
     assert r.autoencoder is None and r.notes == []
 
 
@@ -494,11 +495,11 @@ def test_learned_variance_unet_loads_and_uses_the_prediction_half(diffusers, tmp
     ref.save_pretrained(tmp_path / "iddpm")
     diffusers.DDPMScheduler(variance_type="learned_range", beta_schedule="squaredcos_cap_v2").save_pretrained(
         tmp_path / "iddpm")
-    ckpt = checkpoint.load(tmp_path / "iddpm")
-    assert ckpt.learned_variance and ckpt.prediction_channels == 3 and ckpt.image_shape == (3, 4, 4)
+    ckpt = families.load(tmp_path / "iddpm")
+    assert ckpt.image_shape == (3, 4, 4)
     full = _unet_out(ckpt.model, X)
     assert full.shape == (2, 6, 4, 4) and _max_diff(full, _unet_out(ref, X)) <= 1e-5
-    pred = _unet_out(ckpt.prediction_model(), X)
+    pred = _unet_out(ckpt.network, X)
     assert pred.shape == X.shape and torch.equal(pred, full[:, :3])
     assert ckpt.notes == [  # the UNet's note; the scheduler's variance_type note says the same, so it is dropped
         f"{tmp_path}/iddpm/config.json: out_channels 6 = 2 x in_channels (learned variance): ddimctl uses the first "
@@ -512,17 +513,16 @@ def test_learned_variance_unet_loads_and_uses_the_prediction_half(diffusers, tmp
 def test_class_conditional_unet_records_its_classes(diffusers, tmp_path):
     ref = _unet(diffusers, seed=12, num_class_embeds=10)
     ref.save_pretrained(tmp_path / "cls")
-    ckpt = checkpoint.load(tmp_path / "cls")
-    assert (ckpt.num_class_embeds, ckpt.class_embed_type, ckpt.is_class_conditional) == (10, None, True)
+    ckpt = families.load(tmp_path / "cls")
+    assert ckpt.conditioner.kind == "class" and ckpt.conditioner.num_classes == 10 and ckpt.conditioner.null_label is None
     labels = torch.tensor([3, 7])
     assert _max_diff(_unet_out(ckpt.model, X, class_labels=labels), _unet_out(ref, X, class_labels=labels)) <= 1e-5
     assert ckpt.notes == [f"{tmp_path}/cls/config.json: class-conditional (class ids 0..9): samples are "
                           "conditioned on a class label"]
     assert resolve(tmp_path / "cls").describe()["num_class_embeds"] == 10
     _unet(diffusers, seed=13, class_embed_type="timestep").save_pretrained(tmp_path / "cts")
-    timestep = checkpoint.load(tmp_path / "cts")
-    assert (timestep.num_class_embeds, timestep.class_embed_type, timestep.is_class_conditional) == (
-        None, "timestep", True)
+    timestep = families.load(tmp_path / "cts")
+    assert timestep.conditioner.kind == "class" and "class_embed_type timestep" in str(timestep.conditioner.refusal)
     assert timestep.notes == [f"{tmp_path}/cts/config.json: class-conditional (class_embed_type 'timestep'): "
                               "samples are conditioned on a class label"]
 
@@ -550,11 +550,11 @@ def test_sharded_checkpoint_loads(saves):
     d = root / "sharded"
     shards = sorted(d.glob("diffusion_pytorch_model-*-of-*.safetensors"))
     assert len(shards) > 2
-    ckpt = checkpoint.load(d)
+    ckpt = families.load(d)
     assert ckpt.resolved.weight_files == shards
     assert ckpt.resolved.weights_index == d / "diffusion_pytorch_model.safetensors.index.json"
     assert _max_diff(_unet_out(ckpt.model, X), _unet_out(ref, X)) <= 1e-5
-    assert ckpt.prediction_model() is ckpt.model and not ckpt.learned_variance
+    assert ckpt.network is ckpt.model
     doc = resolve(d).describe()
     assert doc["weights"] == str(d / "diffusion_pytorch_model.safetensors.index.json") and doc["weights_sha256"] is None
     assert [s["file"] for s in doc["shards"]] == [str(p) for p in shards]
@@ -564,10 +564,10 @@ def test_sharded_checkpoint_loads(saves):
 def test_variant_only_folder_says_so_and_loads_when_asked(saves):
     root, ref = saves
     d = root / "fp16"
-    assert _one_line(lambda: checkpoint.load(d)) == (
+    assert _one_line(lambda: families.load(d)) == (
         f"{d}: no diffusion_pytorch_model.safetensors, only the 'fp16' variant of the weights "
         "(diffusion_pytorch_model.fp16.safetensors); load it with variant 'fp16'")
-    ckpt = checkpoint.load(d, variant="fp16")
+    ckpt = families.load(d, variant="fp16")
     assert ckpt.resolved.weights == d / "diffusion_pytorch_model.fp16.safetensors"
     assert ckpt.resolved.variant == "fp16" and {p.dtype for p in ckpt.model.parameters()} == {torch.float32}
     assert _max_diff(_unet_out(ckpt.model, X), _unet_out(ref, X)) < 0.05
@@ -581,14 +581,14 @@ def test_sharded_variant(saves):
     r = resolve(d, variant="fp16")
     assert r.weights_index == d / "diffusion_pytorch_model.safetensors.index.fp16.json" and len(r.weight_files) > 2
     assert all(p.name.startswith("diffusion_pytorch_model.fp16-") for p in r.weight_files)
-    assert _max_diff(_unet_out(checkpoint.load(r).model, X), _unet_out(ref, X)) < 0.05
+    assert _max_diff(_unet_out(families.load(r).model, X), _unet_out(ref, X)) < 0.05
 
 
 def test_default_and_variant_side_by_side(saves):
     root, _ = saves
     d = root / "both"
-    assert checkpoint.resolve(d).weights.name == "diffusion_pytorch_model.safetensors"
-    assert checkpoint.resolve(d, variant="fp16").weights.name == "diffusion_pytorch_model.fp16.safetensors"
+    assert families.resolve(d).weights.name == "diffusion_pytorch_model.safetensors"
+    assert families.resolve(d, variant="fp16").weights.name == "diffusion_pytorch_model.fp16.safetensors"
     assert _one_line(lambda: resolve(d, variant="bf16")) == (
         f"{d}: no 'bf16' variant of the weights (diffusion_pytorch_model.bf16.safetensors or "
         "diffusion_pytorch_model.safetensors.index.bf16.json); the default weights are "
@@ -596,7 +596,7 @@ def test_default_and_variant_side_by_side(saves):
     assert _one_line(lambda: resolve(d, variant="../x")) == (
         "variant '../x': not a variant name (letters, digits, '_' and '-', e.g. fp16)")
     r = resolve(d)
-    assert _one_line(lambda: checkpoint.load(r, variant="fp16")) == (
+    assert _one_line(lambda: families.load(r, variant="fp16")) == (
         f"{d}: already resolved with variant None, not 'fp16'")
 
 
@@ -618,7 +618,7 @@ def test_broken_shard_indexes_are_one_line(saves, tmp_path):
         ({**doc["weight_map"], "extra.weight": shards[0]}, "lists 1 tensors no shard holds (extra.weight)"),
     ]:
         index.write_text(json.dumps({**doc, "weight_map": bad}))
-        msg = _one_line(lambda: checkpoint.load(d))
+        msg = _one_line(lambda: families.load(d))
         assert message in msg, msg
     index.write_text("{}")
     assert _one_line(lambda: resolve(d)) == f"{index}: not a shard index (no 'weight_map' object)"
@@ -632,7 +632,7 @@ def test_pipeline_variant_falls_back_for_the_autoencoder_with_a_note(ldm, tmp_pa
     shutil.copytree(ldm[0], root)
     unet = root / "unet"
     (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.fp16.safetensors")
-    ckpt = checkpoint.load(root, variant="fp16", autoencoder=True)
+    ckpt = families.load(root, variant="fp16", autoencoder=True)
     assert ckpt.resolved.weights.name == "diffusion_pytorch_model.fp16.safetensors"
     assert ckpt.resolved.autoencoder.weights.files[0].name == "diffusion_pytorch_model.safetensors"
     assert f"{root}/vqvae: no 'fp16' variant of the autoencoder; loaded its default weights" in ckpt.notes
@@ -647,7 +647,7 @@ def test_sharded_and_variant_weights_from_the_offline_hub_cache(saves, tmp_path,
     rev = add_snapshot(cache, "owner/sharded", folder_files(root / "sharded"))
     r = resolve("owner/sharded")
     assert r.revision == rev and r.weights_index.name == "diffusion_pytorch_model.safetensors.index.json"
-    assert _max_diff(_unet_out(checkpoint.load(r).model, X), _unet_out(ref, X)) <= 1e-5
+    assert _max_diff(_unet_out(families.load(r).model, X), _unet_out(ref, X)) <= 1e-5
     files = {f"unet/{k}": v for k, v in folder_files(root / "fp16-sharded").items()}
     files["model_index.json"] = json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
                                             "scheduler": ["diffusers", "DDPMScheduler"]}).encode()
@@ -655,7 +655,7 @@ def test_sharded_and_variant_weights_from_the_offline_hub_cache(saves, tmp_path,
     assert "only the 'fp16' variant" in _one_line(lambda: resolve("owner/fp16"))
     r16 = resolve("owner/fp16", variant="fp16")
     assert r16.variant == "fp16" and len(r16.weight_files) > 2
-    assert _max_diff(_unet_out(checkpoint.load(r16).model, X), _unet_out(ref, X)) < 0.05
+    assert _max_diff(_unet_out(families.load(r16).model, X), _unet_out(ref, X)) < 0.05
     add_snapshot(cache, "owner/single16", folder_files(root / "fp16"))
     assert "only the 'fp16' variant" in _one_line(lambda: resolve("owner/single16"))  # seen in the cached snapshot
     assert resolve("owner/single16", variant="fp16").weights.name == "diffusion_pytorch_model.fp16.safetensors"
@@ -681,7 +681,7 @@ def test_hub_fetches_only_the_weights_asked_for(saves, tmp_path, monkeypatch):
     # the default weights, asked for after: the default shards come, still none of a third kind
     r32 = resolve("owner/both")
     assert all(p.exists() for p in r32.weight_files)
-    assert _max_diff(_unet_out(checkpoint.load(r32).model, X), _unet_out(ref, X)) <= 1e-5
+    assert _max_diff(_unet_out(families.load(r32).model, X), _unet_out(ref, X)) <= 1e-5
 
 
 def test_hub_variant_only_repo_says_so_without_downloading_it(saves, tmp_path, monkeypatch):
@@ -697,7 +697,7 @@ def test_hub_variant_only_repo_says_so_without_downloading_it(saves, tmp_path, m
 def test_hub_latent_pipeline_fetches_unet_and_autoencoder(ldm, tmp_path, monkeypatch):
     root, pipe = ldm
     calls = fake_hub(monkeypatch, tmp_path, {"CompVis/ldm-like": root})
-    ckpt = checkpoint.load("CompVis/ldm-like", autoencoder=True)
+    ckpt = families.load("CompVis/ldm-like", autoencoder=True)
     assert ckpt.resolved.autoencoder.repo_id == "CompVis/ldm-like"
     assert sorted(f for f in fetched(tmp_path, "CompVis/ldm-like") if f.endswith(".safetensors")) == [
         "unet/diffusion_pytorch_model.safetensors", "vqvae/diffusion_pytorch_model.safetensors"]
@@ -713,7 +713,7 @@ def test_resolved_keeps_its_old_positional_form(tmp_path, saves):
     d = root / "both"
     r = Resolved("x", "dir", d / "diffusion_pytorch_model.safetensors", resolve(d).model_config, {})
     assert r.weight_files == [r.weights] and r.autoencoder is None and r.notes == []
-    assert checkpoint.load(r).parameters > 0
+    assert families.load(r).parameters > 0
 
 
 def test_autoencoder_with_legacy_attention_key_names_loads(ldm, tmp_path):
@@ -730,7 +730,7 @@ def test_autoencoder_with_legacy_attention_key_names_loads(ldm, tmp_path):
         state[k] = v
     assert sum(k.endswith(".query.weight") for k in state) == 2  # encoder and decoder mid blocks
     safetensors.torch.save_file(state, weights, metadata={"format": "pt"})
-    ckpt = checkpoint.load(copy, autoencoder=True)
+    ckpt = families.load(copy, autoencoder=True)
     latents = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(10))
     with torch.no_grad():
         assert _max_diff(ckpt.autoencoder.decode(latents), pipe.vqvae.decode(latents / 0.18215).sample) <= 1e-5

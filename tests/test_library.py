@@ -13,7 +13,8 @@ from ddimctl.errors import InputError
 from ddimctl.images import mse, save_png
 from ddimctl.inversion import invert_ddim
 from ddimctl.latents import load_latents, save_latents
-from ddimctl.pipeline import Engine, SamplingOptions, parse_end
+from ddimctl.engine import Engine, SamplingOptions, parse_end
+from ddimctl.families.unet import in_memory
 from ddimctl.prediction import Denoiser
 from ddimctl.sampler import sample
 from ddimctl.schedule import make_plan, vp_schedule
@@ -31,7 +32,7 @@ TINY = {
 def engine() -> Engine:
     torch.manual_seed(0)
     unet = UNet2DModel.from_config(TINY).eval()
-    return Engine(unet, SamplerSettings.from_config({"clip_sample": True}), SamplingOptions(steps=4), (1, 8, 8))
+    return Engine(in_memory(unet, SamplerSettings.from_config({"clip_sample": True})), SamplingOptions(steps=4))
 
 
 def test_latent_files_round_trip_with_their_metadata(tmp_path):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ddimctl.perf import CompiledWithFallback, prepare_model
-from ddimctl.pipeline import Engine, SamplingOptions
+from ddimctl.engine import Engine, SamplingOptions
+from ddimctl.families.unet import in_memory
 from ddimctl.sampler import make_generators, sample_ddim, sample_dpmpp_2m, sample_dpmpp_3m, sample_ipndm, sample_unipc
 from ddimctl.settings import SamplerSettings
 from ddimctl.nets.unet2d import UNet2DModel
@@ -68,8 +69,8 @@ def test_bfloat16_model_under_the_engine_keeps_a_float32_state(unet):
     bf = UNet2DModel.from_config(TINY_RGB)
     bf.load_state_dict(unet.state_dict())
     bf = bf.to(torch.bfloat16).eval()
-    ref = Engine(unet, settings, SamplingOptions(steps=3), (3, 8, 8)).generate([0, 1])[1]
-    out = Engine(bf, settings, SamplingOptions(steps=3), (3, 8, 8), model_dtype=torch.bfloat16).generate([0, 1])[1]
+    ref = Engine(in_memory(unet, settings), SamplingOptions(steps=3)).generate([0, 1])[1]
+    out = Engine(in_memory(bf, settings), SamplingOptions(steps=3), dtype=torch.bfloat16).generate([0, 1])[1]
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert 0 < float((out - ref).abs().mean()) < 0.05
 
@@ -147,7 +148,7 @@ def test_the_engine_samples_on_the_meta_device_where_no_value_can_be_read(unet):
     for options in (SamplingOptions(steps=3), SamplingOptions(steps=3, sampler="dpm++2m"),
                     SamplingOptions(steps=3, eta=1.0, channels_last=True), SamplingOptions(steps=4, sampler="dpm++3m"),
                     SamplingOptions(steps=4, sampler="unipc"), SamplingOptions(steps=4, sampler="ipndm")):
-        engine = Engine(meta, settings, options, (3, 8, 8), device=torch.device("meta"))
+        engine = Engine(in_memory(meta, settings), options, device=torch.device("meta"))
         x_T, x0 = engine.generate([0, 1])
         assert x0.device.type == "meta" and x0.shape == (2, 3, 8, 8) and x0.dtype == torch.float32
     with pytest.raises(RuntimeError, match="meta"):
@@ -161,10 +162,10 @@ def test_sampling_on_cuda_makes_no_synchronising_call(unet):
     model = model.cuda().eval()
     settings = SamplerSettings.from_config({"clip_sample": True})
     for options in (SamplingOptions(steps=4), SamplingOptions(steps=4, sampler="dpm++2m")):
-        engine = Engine(model, settings, options, (3, 8, 8), device=torch.device("cuda"))
+        engine = Engine(in_memory(model, settings), options, device=torch.device("cuda"))
         x = engine.noise([0, 1])
         torch.cuda.synchronize()
         with cuda_sync_check("error") as active:
-            plan, den = engine.plan, engine.denoiser
+            plan, den = engine.plan, engine.denoisers(None, 2)[0]
             out = (sample_ddim if options.sampler == "ddim" else sample_dpmpp_2m)(den, x, plan)
         assert active and out.shape == x.shape

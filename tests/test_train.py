@@ -72,7 +72,7 @@ def test_flow_objective_writes_a_flow_checkpoint(tmp_path):
     assert r.exit_code == 0, r.output
     sched = json.loads((tmp_path / "run" / "checkpoint" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "FlowMatchEulerDiscreteScheduler"
-    from ddimctl.checkpoint import load
+    from ddimctl.families import load
 
     assert load(str(tmp_path / "run" / "checkpoint")).settings.kind == "flow"
 
@@ -160,7 +160,7 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in rows] == list(range(1, 7))
     assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 6
-    from ddimctl.checkpoint import load
+    from ddimctl.families import load
 
     load(str(tmp_path / "run" / "checkpoint"))  # a complete, loadable checkpoint
 

@@ -17,19 +17,16 @@ from ddimctl.errors import InputError, SettingError
 from ddimctl.prediction import Denoiser
 from ddimctl.sampler import SAMPLERS, sample
 from ddimctl.schedule import flow_schedule, make_plan, vp_schedule
+from ddimctl.schedule_files import TunedSchedule, load_schedule, read_schedule, save_schedule
 from ddimctl.tuning import (
     LevelMap,
     PlanParameters,
-    TunedSchedule,
     TuneReport,
     cheapest_path,
     gits_lambdas,
-    load_schedule,
     plan_error,
     plan_lambdas,
-    read_schedule,
     reference_trajectory,
-    save_schedule,
     tune_plan,
 )
 from oracles import GaussianOracle
@@ -267,7 +264,7 @@ def test_sample_with_a_schedule_uses_its_levels(tuned, tmp_path):
     assert settings["steps"] == 3 and settings["spacing"] == "tuned" and settings["schedule"] == str(files["unipc"])
     from safetensors.torch import load_file
 
-    from ddimctl.pipeline import Engine, SamplingOptions
+    from ddimctl.engine import Engine, SamplingOptions
 
     engine = Engine.load(tiny, SamplingOptions(steps=3, sampler="unipc", schedule_file=str(files["unipc"])))
     np.testing.assert_array_equal(engine.plan.b, read_schedule(files["unipc"]).b)

@@ -7,12 +7,15 @@ answers without importing torch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
+import inspect
 import os
 import signal
 import sys
 import traceback
+import typing
 from typing import Annotated, Callable
 
 import typer
@@ -29,12 +32,17 @@ app = typer.Typer(
 
 
 def command(fn: Callable) -> Callable:
-    """Register ``fn`` as a command whose handled errors become one line and an exit code."""
+    """Register ``fn`` as a command whose handled errors become one line and an exit code. A parameter annotated
+    with an option group (:data:`ddimctl.cli.options.GROUPS`) is expanded into the group's options and handed to
+    ``fn`` as one object (see :mod:`ddimctl.cli.options`)."""
+    params, groups = _expand_groups(fn)
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(**kwargs):
         try:
-            return fn(*args, **kwargs)
+            for gname, (cls, names, fixed) in groups.items():
+                kwargs[gname] = cls(**{n: kwargs.pop(n) for n in names}, **fixed)
+            return fn(**kwargs)
         except (typer.Exit, typer.BadParameter):
             raise
         except BaseException as e:
@@ -43,7 +51,42 @@ def command(fn: Callable) -> Callable:
                 raise
             _fail(*handled)
 
+    wrapper.__signature__ = inspect.Signature(params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
     return app.command()(wrapper)
+
+
+def _expand_groups(fn: Callable) -> tuple[list[inspect.Parameter], dict[str, tuple[type, list[str], dict]]]:
+    """``fn``'s parameters with each option group replaced by its options (keyword-only, the group's defaults
+    unless the annotation's :class:`~ddimctl.cli.options.Group` says otherwise), and, per group parameter, (the
+    group's class, the names of its options, the values of the options left out)."""
+    from .options import GROUPS, Group
+
+    hints = typing.get_type_hints(fn, include_extras=True)
+    params: list[inspect.Parameter] = []
+    groups: dict[str, tuple[type, list[str], dict]] = {}
+    for p in inspect.signature(fn).parameters.values():
+        hint = hints.get(p.name, p.annotation)
+        spec = Group()
+        if typing.get_origin(hint) is typing.Annotated:
+            base, *extra = typing.get_args(hint)
+            if base in GROUPS:
+                hint, spec = base, next((e for e in extra if isinstance(e, Group)), spec)
+        if hint not in GROUPS:
+            params.append(p.replace(annotation=hint, kind=inspect.Parameter.KEYWORD_ONLY))
+            continue
+        field_hints = typing.get_type_hints(hint, include_extras=True)
+        names, fixed = [], {}
+        for f in dataclasses.fields(hint):
+            default = spec.defaults.get(f.name, f.default)
+            if f.name in spec.exclude:
+                fixed[f.name] = default
+                continue
+            names.append(f.name)
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=field_hints[f.name]))
+        groups[p.name] = (hint, names, fixed)
+    return params, groups
 
 
 def _fail(message: str, code: int) -> None:

@@ -1,5 +1,5 @@
-"""Steps several commands share: building the engine from the options, planning outputs before any work, and
-reading input images. No tensor math, file format or metric lives here: those are the library's."""
+"""Steps several commands share: planning outputs before any work, reading input images, reporting. No tensor
+math, file format or metric lives here: those are the library's."""
 
 from __future__ import annotations
 
@@ -11,49 +11,8 @@ from ..errors import InputError
 from .output import Reporter
 
 if TYPE_CHECKING:
-    from ..pipeline import Engine, SamplingOptions
-
-
-def load_engine(model: str, device: str, dtype: str, options: "SamplingOptions", compile_model: bool,
-                rep: Reporter, variant: str | None = None, autoencoder: str | None = None,
-                autoencoder_scaling_factor: float | None = None) -> "Engine":
-    """Resolve ``--device`` and ``--dtype`` and load the model into an :class:`~ddimctl.pipeline.Engine`; the
-    loader's notes go to stderr when the work starts."""
-    import gc
-
-    from ..devices import resolve_device, resolve_dtype
-    from ..pipeline import Engine
-
-    # torch and the modules just imported live until the process exits: take their objects out of the cyclic
-    # collector's walks, one of which would otherwise cost ~0.1 s of a 4 s `sample` (benchmarks/first_run.py)
-    gc.freeze()
-    dev = resolve_device(device)
-    return Engine.load(model, options, dev, resolve_dtype(dtype, dev), compile=compile_model, note=rep.note_later,
-                       variant=variant, autoencoder=autoencoder, autoencoder_scaling_factor=autoencoder_scaling_factor)
-
-
-def schedule_steps(steps: int, schedule: Path | None) -> int:
-    """``--steps``, or the number of steps of the ``--schedule`` file when ``--steps`` was left at its default (a
-    ``--steps`` given that differs from the file's is refused when the engine loads the schedule)."""
-    if schedule is None or _given("steps"):
-        return steps
-    from ..tuning import read_schedule
-
-    return read_schedule(schedule).steps
-
-
-def _given(param: str) -> bool:
-    """Whether the running command's ``param`` came from the command line or the environment (not its default)."""
-    import importlib
-
-    import typer
-
-    package = typer.BadParameter.__module__.rsplit(".", 1)[0]  # click, or the click Typer vendors
-    ctx = importlib.import_module(package + ".globals").get_current_context(silent=True)
-    if ctx is None:
-        return True
-    source = ctx.get_parameter_source(param)
-    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+    from ..conditioning import ConditionOptions
+    from ..engine import Engine
 
 
 def plan_outputs(paths: list[Path], overwrite: bool, skip_existing: bool) -> list[bool]:
@@ -74,7 +33,7 @@ def plan_batches(paths: list[Path], overwrite: bool, skip_existing: bool, batch_
     its batch. A batch whose outputs all exist is not computed.
     """
     from ..devices import rank_world
-    from ..pipeline import batches, shard
+    from ..engine import batches, shard
 
     mine = shard(list(range(len(paths))), *rank_world())
     todo = [i for i, go in zip(mine, plan_outputs([paths[i] for i in mine], overwrite, skip_existing)) if go]
@@ -109,7 +68,7 @@ def load_images(paths: list[Path], engine: "Engine", rep: Reporter):
 
     tensors, infos = [], []
     for p in paths:
-        img = load_image(p, engine.image_shape[0], engine.image_shape[1])
+        img = load_image(p, engine.image_shape[0], tuple(engine.image_shape[1:]))
         for n in img.notes:
             rep.note(f"{p}: {n}")
         tensors.append(img.tensor)
@@ -119,7 +78,7 @@ def load_images(paths: list[Path], engine: "Engine", rep: Reporter):
 
 def finite_or_note(x, names: list[str], rep: Reporter) -> list[bool]:
     """Which samples of ``x`` are finite; a note names each that is not (nothing is written for it)."""
-    from ..pipeline import finite_mask
+    from ..engine import finite_mask
 
     ok = finite_mask(x).tolist()
     for good, name in zip(ok, names):
@@ -131,3 +90,17 @@ def finite_or_note(x, names: list[str], rep: Reporter) -> list[bool]:
 def report_doc(command: str, engine: "Engine", **fields: Any) -> dict[str, Any]:
     """The JSON document of a command: its name, the model and settings, then its own fields."""
     return {"command": command, **engine.describe(), **fields}
+
+
+def conditions_for(engine: "Engine", options: "ConditionOptions", n: int, rep: Reporter, role: str = "",
+                   default: bool = False) -> list[Any] | None:
+    """The conditions of ``n`` images from the command's options (``default``: the model's defaults where none are
+    given, as ``sample`` does), refused before any work when the model cannot take them; what encoding them
+    changed (an over-long prompt truncated) is noted once the work starts."""
+    values = engine.conditions(options, n, role)
+    if values is None and default:
+        values = engine.default_conditions(n)
+    engine.check_conditions(values, role)
+    for line in engine.conditioner.notes:
+        rep.note_later(line)
+    return values

@@ -10,24 +10,22 @@ import typer
 
 from .. import DEFAULT_MODEL
 from .app import command
-from .options import AutoencoderOpt, AutoencoderScaleOpt, JsonOpt, VariantOpt
+from .options import Group, JsonOpt, ModelLoading
 from .output import write_json
 
 
 @command
 def info(
+    *,
     model: Annotated[str, typer.Argument(help="A model reference (as --model takes).")] = DEFAULT_MODEL,
-    variant: VariantOpt = None,
-    autoencoder: AutoencoderOpt = None,
-    autoencoder_scaling_factor: AutoencoderScaleOpt = None,
+    loading: Annotated[ModelLoading, Group(exclude=("model", "device", "dtype", "compile_model"))],
     json_out: JsonOpt = False,
 ) -> None:
     """Show what a model reference resolves to: files, revision, config, parameters, size, prediction type, and
     for latent diffusion the autoencoder that decodes its latents."""
-    from ..checkpoint import resolve
+    from ..families import resolve
 
-    desc = resolve(model, variant=variant, autoencoder=autoencoder,
-                   autoencoder_scaling_factor=autoencoder_scaling_factor).describe()
+    desc = resolve(model, **loading.references()).describe()
     if json_out:
         write_json(desc)
         return

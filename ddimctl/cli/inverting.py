@@ -8,70 +8,42 @@ from typing import Annotated, Any, List
 
 import typer
 
-from .. import DEFAULT_MODEL
 from ..errors import NumericsError
 from .app import command
-from .common import (
-    finite_or_note, image_paths, load_engine, load_images, output_names, plan_batches, plan_outputs, report_doc,
-    schedule_steps,
-)
-from .options import (
-    AutoencoderOpt, AutoencoderScaleOpt, VariantOpt,
-    DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, ClassLabelOpt, DeterministicOpt, DeviceOpt, DtypeOpt, GuidanceOpt,
-    InversionOpt, JsonOpt,
-    MaxIterOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, ScheduleOpt, SkipExistingOpt, SpacingOpt,
-    StepsOpt, TolOpt,
-)
+from .common import conditions_for, finite_or_note, image_paths, load_images, output_names, plan_batches, plan_outputs, report_doc
+from .options import Conditioning, Group, Inversion, ModelLoading, OutOpt, Outputs, Sampling
 from .output import Reporter
 
 ImagesArg = Annotated[List[str], typer.Argument(help="Images: files, directories, globs, or - to read paths from stdin.")]
+#: The sampling options of the commands that invert: eta = 0 (an ODE), unclipped (invertible).
+InvertingSampling = Annotated[Sampling, Group(exclude=("eta", "clip_sample"))]
 
 
 @command
 def invert(
+    *,
     images: ImagesArg,
-    model: ModelOpt = DEFAULT_MODEL,
-    variant: VariantOpt = None,
-    autoencoder: AutoencoderOpt = None,
-    autoencoder_scaling_factor: AutoencoderScaleOpt = None,
-    steps: StepsOpt = DEFAULT_STEPS,
-    spacing: SpacingOpt = None,
-    sampler: SamplerOpt = "ddim",
-    schedule: ScheduleOpt = None,
-    inversion: InversionOpt = "exact",
-    tol: TolOpt = 3e-3,
-    max_iter: MaxIterOpt = 50,
-    batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
+    loading: ModelLoading,
+    sampling: InvertingSampling,
+    inversion: Inversion,
+    conditioning: Conditioning,
     out: OutOpt = Path("latents"),
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    class_label: ClassLabelOpt = None,
-    guidance_scale: GuidanceOpt = 1.0,
-    deterministic: DeterministicOpt = False,
-    overwrite: OverwriteOpt = False,
-    skip_existing: SkipExistingOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    outputs: Outputs,
 ) -> None:
     """Invert images to the latents x_T that --sampler maps back to them, written as NAME.latent.safetensors."""
     from ..latents import SUFFIX, save_latents
 
-    rep = Reporter(json_out, quiet)
+    rep = outputs.reporter()
     job = _InversionJob(images, out, SUFFIX, rep)
-    engine = job.start(model, device, dtype, batch_size, overwrite, skip_existing,
-                       steps=schedule_steps(steps, schedule), spacing=spacing,
-                       sampler=sampler, inversion=inversion, tol=tol, max_iter=max_iter, deterministic=deterministic,
-                       guidance_scale=guidance_scale, labels=class_label, schedule=schedule,
-                       loading=dict(variant=variant, autoencoder=autoencoder,
-                                    autoencoder_scaling_factor=autoencoder_scaling_factor))
+    engine = job.start(loading, sampling, inversion, conditioning, outputs)
     with rep.progress("inverting", job.computed * len(engine.plan)) as bar:
-        for chunk, x0, infos, labels in job.run():
-            x_T, stats = engine.invert(x0, lambda info: bar.advance(len(chunk)), labels)
-            x_T = x_T.float().cpu()
+        for chunk, x0, infos, conditions in job.run():
+            inv = engine.invert(x0, lambda info: bar.advance(len(chunk)), conditions)
+            x_T = inv.x_T.float().cpu()
             ok = finite_or_note(x_T, [str(job.paths[i]) for i in chunk], rep)
-            x_prev = None if stats.latents_prev is None else stats.latents_prev.float().cpu()
+            x_prev = None if inv.x_prev is None else inv.x_prev.float().cpu()
             for j, i in enumerate(chunk):
-                if job.keep(ok[j], i, j, infos[j], stats.model_calls, stats):
+                if job.keep(ok[j], i, j, infos[j], inv.stats.model_calls, inv.stats):
                     save_latents(job.targets[i], x_T[j : j + 1], {**engine.provenance(), **infos[j]},
                                  latents_prev=None if x_prev is None else x_prev[j : j + 1])
                     rep.output(job.targets[i])
@@ -80,46 +52,26 @@ def invert(
 
 @command
 def reconstruct(
+    *,
     images: ImagesArg,
-    model: ModelOpt = DEFAULT_MODEL,
-    variant: VariantOpt = None,
-    autoencoder: AutoencoderOpt = None,
-    autoencoder_scaling_factor: AutoencoderScaleOpt = None,
-    steps: StepsOpt = DEFAULT_STEPS,
-    spacing: SpacingOpt = None,
-    sampler: SamplerOpt = "ddim",
-    schedule: ScheduleOpt = None,
-    inversion: InversionOpt = "exact",
-    tol: TolOpt = 3e-3,
-    max_iter: MaxIterOpt = 50,
-    batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
+    loading: ModelLoading,
+    sampling: InvertingSampling,
+    inversion: Inversion,
+    conditioning: Conditioning,
     out: OutOpt = Path("reconstructions"),
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    class_label: ClassLabelOpt = None,
-    guidance_scale: GuidanceOpt = 1.0,
-    deterministic: DeterministicOpt = False,
-    overwrite: OverwriteOpt = False,
-    skip_existing: SkipExistingOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    outputs: Outputs,
 ) -> None:
     """Invert images, regenerate them with the same settings, and report per-dimension MSE ([0, 1]) and PSNR."""
     from ..images import mean_metrics, save_png, side_by_side
 
-    rep = Reporter(json_out, quiet)
+    rep = outputs.reporter()
     job = _InversionJob(images, out, ".png", rep)
     compares = [out / f"{p.stem}.compare.png" for p in job.paths]
-    engine = job.start(model, device, dtype, batch_size, overwrite, skip_existing,
-                       steps=schedule_steps(steps, schedule), spacing=spacing,
-                       sampler=sampler, inversion=inversion, tol=tol, max_iter=max_iter, deterministic=deterministic,
-                       guidance_scale=guidance_scale, labels=class_label, schedule=schedule,
-                       loading=dict(variant=variant, autoencoder=autoencoder,
-                                    autoencoder_scaling_factor=autoencoder_scaling_factor))
-    plan_outputs([compares[i] for i in job.work], overwrite, False)
+    engine = job.start(loading, sampling, inversion, conditioning, outputs)
+    plan_outputs([compares[i] for i in job.work], outputs.overwrite, False)
     with rep.progress("reconstructing", job.computed * 2 * len(engine.plan)) as bar:
-        for chunk, x0, infos, labels in job.run():
-            rec = engine.reconstruct(x0, lambda info: bar.advance(len(chunk)), labels)
+        for chunk, x0, infos, conditions in job.run():
+            rec = engine.reconstruct(x0, lambda info: bar.advance(len(chunk)), conditions)
             names = [str(job.paths[i]) for i in chunk]
             ok = [a and b for a, b in zip(finite_or_note(rec.x_T, names, rep), finite_or_note(rec.x0, names, rep))]
             x_rec = rec.x0.float().cpu()
@@ -141,8 +93,8 @@ def reconstruct(
 
 
 class _InversionJob:
-    """What ``invert`` and ``reconstruct`` share: the inputs, one output per input (``out/STEM{suffix}``), the
-    engine, each rank's share of the work, and the per-image records of the JSON report."""
+    """What ``invert``, ``reconstruct`` and ``edit`` share: the inputs, one output per input (``out/STEM{suffix}``),
+    the engine, each rank's share of the work, and the per-image records of the JSON report."""
 
     def __init__(self, specs: list[str], out: Path, suffix: str, rep: Reporter):
         self.paths = image_paths(specs)
@@ -151,34 +103,32 @@ class _InversionJob:
         self.records: list[dict[str, Any]] = []
         self.failed: list[str] = []
 
-    def start(self, model: str, device: str, dtype: str, batch_size: int, overwrite: bool, skip_existing: bool,
-              labels: str | None = None, loading: dict | None = None, schedule: Path | None = None, **options: Any):
+    def start(self, loading: ModelLoading, sampling: Sampling, inversion: Inversion, conditioning: Conditioning,
+              outputs: Outputs):
         """Build the engine and plan the outputs, refusing whatever cannot be done before any work."""
         from ..fsutil import check_writable_dir
-        from ..pipeline import SamplingOptions, labels_for, parse_class_labels
 
-        self.options = SamplingOptions(**options, inverting=True,
-                                       schedule_file=None if schedule is None else str(schedule))
-        self.engine = load_engine(model, device, dtype, self.options, False, self.rep, **(loading or {}))
+        self.options = sampling.options(conditioning, inverting=True, **inversion.options())
+        self.engine = loading.engine(self.options, self.rep)
         self.engine.check_invertible()
-        self.labels = labels_for(parse_class_labels(labels) if labels is not None else None, len(self.paths), labels)
-        self.engine.class_labels(self.labels)  # a label the model cannot take, or none for one that needs it
+        self.conditions = conditions_for(self.engine, conditioning.options(), len(self.paths), self.rep)
         check_writable_dir(self.out)
-        self.batches, self.work = plan_batches(self.targets, overwrite, skip_existing, batch_size)
+        self.batches, self.work = plan_batches(self.targets, outputs.overwrite, outputs.skip_existing,
+                                               sampling.batch_size)
         self.writes = set(self.work)
         self.computed = sum(map(len, self.batches))
         return self.engine
 
     def run(self):
-        """(indices, images (B, C, H, W), infos, class labels or None) for each batch this process computes."""
+        """(indices, images (B, C, H, W), infos, conditions or None) for each batch this process computes."""
         for chunk in self.batches:
             x0, infos = load_images([self.paths[i] for i in chunk], self.engine, self.rep)
-            labels = None
-            if self.labels is not None:
-                labels = self.engine.class_labels([self.labels[i] for i in chunk])
-                for info, i in zip(infos, chunk):
-                    info["class_label"] = self.labels[i]
-            yield chunk, x0, infos, labels
+            conditions = None
+            if self.conditions is not None:
+                conditions = [self.conditions[i] for i in chunk]
+                for info, value in zip(infos, conditions):
+                    info.update(self.engine.record(value))
+            yield chunk, x0, infos, conditions
 
     def keep(self, ok: bool, i: int, j: int, info: dict, calls: int, stats, **extra: Any) -> bool:
         """Record image i's result, j-th of its batch (calls: batched model evaluations for its batch); False when

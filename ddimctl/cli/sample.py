@@ -7,59 +7,34 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .. import DEFAULT_MODEL
 from ..errors import DdimctlError, NumericsError
 from .app import command
-from .common import finite_or_note, load_engine, plan_batches, plan_outputs, report_doc, schedule_steps
-from .options import (
-    AutoencoderOpt, AutoencoderScaleOpt, VariantOpt,
-    DEFAULT_BATCH_SIZE, DEFAULT_STEPS, BatchSizeOpt, ChannelsLastOpt, ClassLabelOpt, ClipOpt, CompileOpt,
-    DeterministicOpt, GuidanceOpt,
-    DeviceOpt, DtypeOpt, EtaOpt, JsonOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SamplerOpt, ScheduleOpt, SeedOpt,
-    SkipExistingOpt, SpacingOpt, StepsOpt,
-)
+from .common import conditions_for, finite_or_note, plan_batches, plan_outputs, report_doc
+from .options import Conditioning, ModelLoading, OutOpt, Outputs, Sampling, SeedOpt
 from .output import Reporter
 
 
 @command
 def sample(
-    model: ModelOpt = DEFAULT_MODEL,
-    variant: VariantOpt = None,
-    autoencoder: AutoencoderOpt = None,
-    autoencoder_scaling_factor: AutoencoderScaleOpt = None,
+    *,
+    loading: ModelLoading,
     n: Annotated[int, typer.Option("--n", "-n", min=1, help="Number of images.")] = 16,
-    steps: StepsOpt = DEFAULT_STEPS,
-    eta: EtaOpt = 0.0,
-    spacing: SpacingOpt = None,
-    sampler: SamplerOpt = "ddim",
-    schedule: ScheduleOpt = None,
-    clip_sample: ClipOpt = None,
+    sampling: Sampling,
     seed: SeedOpt = 0,
-    class_label: ClassLabelOpt = None,
-    guidance_scale: GuidanceOpt = 1.0,
-    batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
+    conditioning: Conditioning,
     out: OutOpt = Path("samples"),
     fmt: Annotated[str, typer.Option("--format", help="png (one file per image) or safetensors (samples.safetensors).")] = "png",
     grid: Annotated[Optional[Path], typer.Option("--grid", help="Also write a contact sheet PNG here.")] = None,
     latents: Annotated[Optional[Path], typer.Option("--latents", help="Start from x_T in this .safetensors file (tensor 'latents', (N, C, H, W)).")] = None,
     save_latents: Annotated[bool, typer.Option("--save-latents", help="Also write each x_T as NAME.latent.safetensors.")] = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    compile_model: CompileOpt = False,
-    channels_last: ChannelsLastOpt = False,
-    deterministic: DeterministicOpt = False,
-    overwrite: OverwriteOpt = False,
-    skip_existing: SkipExistingOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    outputs: Outputs,
 ) -> None:
     """Generate images from noise: image i uses seed + i, whatever --batch-size."""
     from ..devices import rank_world
-    from ..pipeline import SamplingOptions, labels_for, parse_class_labels
 
     if fmt not in ("png", "safetensors"):
         raise typer.BadParameter(f"{fmt!r} is not png or safetensors", param_hint="--format")
-    rep = Reporter(json_out, quiet)
+    rep = outputs.reporter()
     if rank_world()[1] > 1 and (fmt == "safetensors" or grid is not None):
         raise DdimctlError("--format safetensors and --grid need every image in one process; run without torchrun")
     x_given = x_prev = None
@@ -68,26 +43,19 @@ def sample(
 
         x_given, x_prev, meta = load_latent_pair(latents)
         n = x_given.shape[0]
-        if spacing is None and schedule is None and (recorded := recorded_spacing(meta)) is not None:
-            spacing = recorded  # decode with the plan the latents were made with
-            rep.note(f"{latents}: spacing {spacing}, as recorded in the file")
-    options = SamplingOptions(steps=schedule_steps(steps, schedule), eta=eta, sampler=sampler, spacing=spacing,
-                              clip_sample=clip_sample, channels_last=channels_last, deterministic=deterministic,
-                              guidance_scale=guidance_scale, schedule_file=None if schedule is None else str(schedule))
-    engine = load_engine(model, device, dtype, options, compile_model, rep,
-                         variant=variant, autoencoder=autoencoder,
-                         autoencoder_scaling_factor=autoencoder_scaling_factor)
-    labels = labels_for(parse_class_labels(class_label) if class_label is not None else None, n, class_label)
-    labels = labels if labels is not None else engine.default_labels(range(n))
-    engine.class_labels(labels)  # refuse labels the model cannot take before any work
+        if sampling.spacing is None and sampling.schedule is None and (recorded := recorded_spacing(meta)) is not None:
+            sampling.spacing = recorded  # decode with the plan the latents were made with
+            rep.note(f"{latents}: spacing {sampling.spacing}, as recorded in the file")
+    engine = loading.engine(sampling.options(conditioning), rep)
+    conditions = conditions_for(engine, conditioning.options(), n, rep, default=True)
     if x_given is not None:
         from ..latents import check_shape
 
         check_shape(x_given, engine.latent_shape, latents)
         if x_prev is not None:
             engine.check_latent_pair(latents, meta)
-    job = _SampleJob(engine, rep, out, [f"{i:06d}" for i in range(n)], seed, fmt, grid, save_latents, labels)
-    job.plan(overwrite, skip_existing, batch_size)
+    job = _SampleJob(engine, rep, out, [f"{i:06d}" for i in range(n)], seed, fmt, grid, save_latents, conditions)
+    job.plan(outputs.overwrite, outputs.skip_existing, sampling.batch_size)
     job.run(x_given, x_prev)
     job.finish()
 
@@ -97,9 +65,9 @@ class _SampleJob:
     written image by image as each batch finishes."""
 
     def __init__(self, engine, rep: Reporter, out: Path, names: list[str], seed: int, fmt: str,
-                 grid: Path | None, save_latents: bool, labels: list[int] | None):
+                 grid: Path | None, save_latents: bool, conditions: list[Any] | None):
         self.engine, self.rep, self.out, self.names, self.seed = engine, rep, out, names, seed
-        self.labels = labels
+        self.conditions = conditions
         self.fmt, self.grid, self.save_latents = fmt, grid, save_latents
         self.pngs = [out / f"{nm}.png" for nm in names]
         self.stacked = out / "samples.safetensors"
@@ -108,7 +76,7 @@ class _SampleJob:
 
     def plan(self, overwrite: bool, skip_existing: bool, batch_size: int) -> None:
         from ..fsutil import check_writable_dir
-        from ..pipeline import batches
+        from ..engine import batches
 
         check_writable_dir(self.out)
         if self.fmt == "png":
@@ -122,8 +90,8 @@ class _SampleJob:
         if self.grid is not None:
             plan_outputs([self.grid], overwrite, False)
 
-    def _label_meta(self, i: int) -> dict:
-        return {} if self.labels is None else {"class_label": self.labels[i]}
+    def _condition_meta(self, i: int) -> dict:
+        return {} if self.conditions is None else self.engine.record(self.conditions[i])
 
     def _latent_path(self, i: int) -> Path:
         from ..latents import SUFFIX
@@ -135,9 +103,9 @@ class _SampleJob:
             for chunk in self.batches:
                 given = x_given[list(chunk)] if x_given is not None else None
                 given_prev = x_prev[list(chunk)] if x_prev is not None else None
-                labels = None if self.labels is None else self.engine.class_labels([self.labels[i] for i in chunk])
+                conditions = None if self.conditions is None else [self.conditions[i] for i in chunk]
                 x_T, x0 = self.engine.generate([self.seed + i for i in chunk], given, lambda info: bar.advance(len(chunk)),
-                                               given_prev, labels)
+                                               given_prev, conditions)
                 self._write(chunk, x_T, x0.float().cpu())
 
     def _write(self, chunk, x_T, x0) -> None:
@@ -152,7 +120,7 @@ class _SampleJob:
                 self.failed.append(self.names[i])
                 continue
             if self.save_latents:
-                meta = {**self.engine.provenance(), "seed": self.seed + i, **self._label_meta(i)}
+                meta = {**self.engine.provenance(), "seed": self.seed + i, **self._condition_meta(i)}
                 save_latents(self._latent_path(i), x_T[j : j + 1], meta)
             if self.fmt == "png":
                 save_png(x0[j], self.pngs[i])
@@ -178,7 +146,7 @@ class _SampleJob:
         if self.grid is not None and self.kept:
             save_png(make_grid(torch.stack([self.kept[i] for i in sorted(self.kept)])), self.grid)
             self.rep.output(self.grid)
-        extra = {} if self.labels is None else {"class_labels": [self.labels[i] for i in self.work]}
+        extra = {} if self.conditions is None else self.engine.conditioner.report([self.conditions[i] for i in self.work])
         self.rep.finish(report_doc("sample", self.engine, seeds=[self.seed + i for i in self.work], **extra,
                                    failed=self.failed))
         if self.failed:

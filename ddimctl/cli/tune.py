@@ -1,5 +1,5 @@
 """``ddimctl tune``: learn the noise levels at which a sampler should call a model, for a number of calls, and
-write them as a schedule file that ``sample``, ``invert``, ``reconstruct`` and ``interpolate`` take with
+write them as a schedule file that ``sample``, ``invert``, ``reconstruct``, ``interpolate`` and ``edit`` take with
 ``--schedule``."""
 
 from __future__ import annotations
@@ -9,20 +9,17 @@ from typing import Annotated
 
 import typer
 
-from .. import DEFAULT_MODEL
 from .app import command
-from .common import load_engine, plan_outputs, report_doc
-from .options import (
-    BatchSizeOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, OverwriteOpt, QuietOpt, SamplerOpt, SeedOpt, SpacingOpt,
-)
-from .output import Reporter
+from .common import conditions_for, plan_outputs, report_doc
+from .options import Conditioning, Group, ModelLoading, Outputs, Sampling, SeedOpt
 
 
 @command
 def tune(
-    model: ModelOpt = DEFAULT_MODEL,
-    sampler: SamplerOpt = "unipc",
-    steps: Annotated[int, typer.Option("--steps", "-s", min=1, help="Model calls of the tuned schedule.")] = 10,
+    *,
+    loading: ModelLoading,
+    sampling: Annotated[Sampling, Group(exclude=("eta", "schedule", "clip_sample", "deterministic", "channels_last"),
+                                        defaults={"sampler": "unipc", "steps": 10, "batch_size": 64})],
     out: Annotated[Path, typer.Option("--out", "-o", help="The schedule file to write (JSON).")] = Path("schedule.json"),
     noises: Annotated[int, typer.Option("--noises", min=1, help="Training noises (seeds --seed ...).")] = 64,
     heldout: Annotated[int, typer.Option("--heldout", min=0, help="Held-out noises to check on (the seeds after the training ones).")] = 32,
@@ -30,30 +27,28 @@ def tune(
                                         "schedule; gits: dynamic programming over the reference's steps only (no gradient).")] = "ld3",
     iterations: Annotated[int, typer.Option("--iterations", min=0, help="ld3: gradient iterations.")] = 20,
     reference_steps: Annotated[int, typer.Option("--reference-steps", min=2, help="Model calls of the reference (unipc, logsnr spacing).")] = 200,
-    spacing: SpacingOpt = None,
     seed: SeedOpt = 0,
-    batch_size: BatchSizeOpt = 64,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    overwrite: OverwriteOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    conditioning: Conditioning,
+    outputs: Annotated[Outputs, Group(exclude=("skip_existing",))],
 ) -> None:
     """Tune the noise levels of --steps calls of --sampler for a model: the schedule whose samples land closest to
     a many-call reference on seeded noises, checked on held-out seeds. The file names the model and its revision;
-    commands refuse it for another model or sampler."""
+    commands refuse it for another model or sampler. A conditioned model is tuned under --class-label (default:
+    noise i gets class i mod the number of classes) and --guidance-scale."""
     from ..errors import SettingError
-    from ..pipeline import SamplingOptions
-    from ..tuning import METHODS, save_schedule, tune_engine
+    from ..schedule_files import save_schedule
+    from ..tuning import METHODS
 
     if method not in METHODS:
         raise SettingError(("method", method), f"expected one of {', '.join(METHODS)}")
-    rep = Reporter(json_out, quiet)
-    plan_outputs([out], overwrite, False)  # refuse before any work
-    engine = load_engine(model, device, dtype, SamplingOptions(steps=steps, sampler=sampler, spacing=spacing), False, rep)
+    rep = outputs.reporter()
+    plan_outputs([out], outputs.overwrite, False)  # refuse before any work
+    engine = loading.engine(sampling.options(conditioning), rep)
+    conditions = conditions_for(engine, conditioning.options(), noises + heldout, rep, default=True)
     seeds = list(range(seed, seed + noises))
     held = list(range(seed + noises, seed + noises + heldout))
     bars: dict[str, object] = {}
+    batch_size = sampling.batch_size
     totals = {"reference": reference_steps * -(-noises // batch_size), "tuning": iterations,
               "held-out": reference_steps * -(-heldout // batch_size)}
 
@@ -67,8 +62,8 @@ def tune(
         bars[phase].advance(1)
 
     try:
-        tuned = tune_engine(engine, seeds, held, method=method, iterations=iterations, reference_steps=reference_steps,
-                            batch_size=batch_size, callback=progress)
+        tuned = engine.tune(seeds, held, method=method, iterations=iterations, reference_steps=reference_steps,
+                            batch_size=batch_size, callback=progress, conditions=conditions)
     finally:
         for bar in bars.values():
             bar.__exit__(None, None, None)

@@ -31,7 +31,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .layers import ACTIVATIONS, Attention, Downsample2D, Upsample2D, act, activation, fmt, in_place_ok, is_int, is_number
+from .layers import (
+    Attention, Downsample2D, Upsample2D, act, activation, check_block_layout, fmt, in_place_ok, is_int, is_number,
+)
 
 __all__ = [
     "AutoencoderKL",
@@ -140,26 +142,9 @@ def _normalize(
         value = cfg.get(key, default)
         out[key] = list(value) if isinstance(value, tuple) else value
 
-    for key, supported in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
-        value = out[key]
-        if not isinstance(value, list) or not value:
-            raise fail(f"{key} must be a non-empty list of block type names, got {fmt(value)}")
-        for entry in value:
-            if entry not in supported or not isinstance(entry, str):
-                raise fail(f"unsupported {key} entry {fmt(entry)} (supported: {', '.join(supported)})")
-    act = out["act_fn"]
-    if not isinstance(act, str) or act.lower() not in ACTIVATIONS:
-        raise fail(f"unsupported act_fn {fmt(act)} (supported: {', '.join(ACTIVATIONS)})")
+    check_block_layout(out, fail, DOWN_BLOCK_TYPES, UP_BLOCK_TYPES)
 
     channels = out["block_out_channels"]
-    if not isinstance(channels, list) or not channels or not all(is_int(c) and c > 0 for c in channels):
-        raise fail(f"block_out_channels must be a non-empty list of positive integers, got {fmt(channels)}")
-    for key in ("down_block_types", "up_block_types"):
-        if len(out[key]) != len(channels):
-            raise fail(
-                f"{key} {fmt(out[key])} has {len(out[key])} entries but block_out_channels {fmt(channels)} "
-                f"has {len(channels)}"
-            )
     for key in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
         if not is_int(out[key]) or out[key] < 1:
             raise fail(f"{key} must be a positive integer, got {fmt(out[key])}")

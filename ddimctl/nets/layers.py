@@ -7,14 +7,14 @@ The module trees and numerics follow diffusers', so the state-dict keys match an
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "Attention", "Downsample2D", "Upsample2D", "act", "activation", "fmt", "in_place_ok",
-           "is_int", "is_number", "upsample_nearest"]
+__all__ = ["ACTIVATIONS", "Attention", "Downsample2D", "Upsample2D", "act", "activation", "check_block_layout", "fmt",
+           "in_place_ok", "is_int", "is_number", "upsample_nearest"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -39,6 +39,31 @@ def is_number(v: Any) -> bool:
     if isinstance(v, float):
         return math.isfinite(v)
     return is_int(v)
+
+
+def check_block_layout(out: dict[str, Any], fail: Callable[[str], Exception], down_types: tuple, up_types: tuple
+                       ) -> None:
+    """Check a config's ``down_block_types`` / ``up_block_types`` (non-empty lists of supported names), its
+    ``act_fn`` and its ``block_out_channels`` (positive integers, one per block); ``fail(message)`` makes the error."""
+    for key, supported in (("down_block_types", down_types), ("up_block_types", up_types)):
+        value = out[key]
+        if not isinstance(value, list) or not value:
+            raise fail(f"{key} must be a non-empty list of block type names, got {fmt(value)}")
+        for entry in value:
+            if entry not in supported or not isinstance(entry, str):
+                raise fail(f"unsupported {key} entry {fmt(entry)} (supported: {', '.join(supported)})")
+    act = out["act_fn"]
+    if not isinstance(act, str) or act.lower() not in ACTIVATIONS:
+        raise fail(f"unsupported act_fn {fmt(act)} (supported: {', '.join(ACTIVATIONS)})")
+    channels = out["block_out_channels"]
+    if not isinstance(channels, list) or not channels or not all(is_int(c) and c > 0 for c in channels):
+        raise fail(f"block_out_channels must be a non-empty list of positive integers, got {fmt(channels)}")
+    for key in ("down_block_types", "up_block_types"):
+        if len(out[key]) != len(channels):
+            raise fail(
+                f"{key} {fmt(out[key])} has {len(out[key])} entries but block_out_channels {fmt(channels)} "
+                f"has {len(channels)}"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------

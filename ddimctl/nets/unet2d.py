@@ -45,7 +45,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .layers import (
-    ACTIVATIONS, Attention, Downsample2D, Upsample2D, act, activation, fmt, in_place_ok, is_int, is_number,
+    Attention, Downsample2D, Upsample2D, act, activation, check_block_layout, fmt, in_place_ok, is_int, is_number,
     upsample_nearest,
 )
 
@@ -156,27 +156,10 @@ def normalize_config(config: Mapping[str, Any], source: str = "config.json") -> 
     choice("mid_block_type", MID_BLOCK_TYPES)
     # diffusers silently builds no class embedding for any other class_embed_type: refused rather than ignored
     choice("class_embed_type", CLASS_EMBED_TYPES)
-    for key, supported in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
-        value = out[key]
-        if not isinstance(value, list) or not value:
-            raise fail(f"{key} must be a non-empty list of block type names, got {fmt(value)}")
-        for entry in value:
-            if entry not in supported or not isinstance(entry, str):
-                raise fail(f"unsupported {key} entry {fmt(entry)} (supported: {', '.join(supported)})")
-    act = out["act_fn"]
-    if not isinstance(act, str) or act.lower() not in ACTIVATIONS:
-        raise fail(f"unsupported act_fn {fmt(act)} (supported: {', '.join(ACTIVATIONS)})")
+    check_block_layout(out, fail, DOWN_BLOCK_TYPES, UP_BLOCK_TYPES)
 
     # shapes and types
     channels = out["block_out_channels"]
-    if not isinstance(channels, list) or not channels or not all(is_int(c) and c > 0 for c in channels):
-        raise fail(f"block_out_channels must be a non-empty list of positive integers, got {fmt(channels)}")
-    for key in ("down_block_types", "up_block_types"):
-        if len(out[key]) != len(channels):
-            raise fail(
-                f"{key} {fmt(out[key])} has {len(out[key])} entries but block_out_channels {fmt(channels)} "
-                f"has {len(channels)}"
-            )
     if out["norm_num_groups"] is None:
         # diffusers' UNet2DModel has a fallback for it (min(block_out_channels[0] // 4, 32)) only for conv_norm_out
         # and the mid block: its down/up blocks hand None to GroupNorm and fail, so no such checkpoint exists

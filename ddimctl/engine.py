@@ -1,10 +1,12 @@
-"""Batch operations over a loaded checkpoint: what the commands share, with no terminal and no files written.
+"""Batch operations over a loaded model: what the commands share, with no terminal and no files written.
 
-:class:`Engine` holds a model, its sampler settings and the :class:`SamplingOptions` of one job, and runs the
-sampler core on batches: :meth:`Engine.generate` (x_T -> x0), :meth:`Engine.invert` (x0 -> x_T),
-:meth:`Engine.decode` (the eta = 0 sample that retraces an inversion) and :meth:`Engine.reconstruct` (both, with
-the error). :func:`parse_end` / :meth:`Engine.end_latent` turn an interpolation end (``seed:N``, a latent file or
-an image) into x_T. The model runs in its own dtype while the sampler state stays float32, so float16/bfloat16
+:class:`Engine` holds a :class:`~ddimctl.families.LoadedModel`, its sampler settings and the
+:class:`SamplingOptions` of one job, and runs the sampler core on batches: :meth:`Engine.generate` (x_T -> x0),
+:meth:`Engine.invert` (x0 -> x_T), :meth:`Engine.decode` (the eta = 0 sample that retraces an inversion),
+:meth:`Engine.reconstruct` (both, with the error), :meth:`Engine.edit`, :meth:`Engine.interpolation` (slerp between
+two ends) and :meth:`Engine.tune` (a tuned schedule). Each image's condition (a class id, ...) is a value its
+model's conditioner reads (:mod:`ddimctl.conditioning`); the engine encodes a batch of them and wraps the network
+with its guidance. The model runs in its own dtype while the sampler state stays float32, so float16/bfloat16
 models do not accumulate rounding in x over the steps.
 
     engine = Engine.load("mnist", SamplingOptions(steps=10))
@@ -14,7 +16,6 @@ models do not accumulate rounding in x over the steps.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,10 +23,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from .conditioning import ConditionOptions, guide
 from .errors import InputError, SettingError
 from .inversion import INVERT_FUNCTIONS, InversionStats
 from .prediction import Denoiser
-from .sampler import SAMPLERS, ddim_step, make_generators, model_times, randn, sample, sample_bdia
+from .sampler import SAMPLERS, ddim_step, make_generators, model_times, randn, sample, sample_bdia, slerp
 from .schedule import SPACINGS, SamplingPlan
 from .settings import SamplerSettings
 
@@ -62,7 +64,9 @@ class SamplingOptions:
     clip_sample: bool | None = None  # None: the checkpoint's
     channels_last: bool = False  # feed the model channels-last inputs (the model's weights should be too)
     deterministic: bool = False  # each sample in its own fixed-shape forward: results independent of batching
-    guidance_scale: float = 1.0  # classifier-free guidance weight (class-conditional models with a null label)
+    guidance_scale: float | None = None  # guidance weight (None: the model's default, 1 where images are inverted)
+    height: int | None = None  # the images' size (None: the model's default; where the model allows another)
+    width: int | None = None
     inverting: bool = False  # the job inverts images (default spacing: inversion_spacing)
     schedule_file: str | None = None  # a tuned schedule (ddimctl tune): its levels replace the spacing's
 
@@ -91,13 +95,23 @@ class SamplingOptions:
                                "a tuned schedule places its own steps; leave the spacing out")
         if self.sampler != "ddim" and self.eta != 0:
             raise SettingError(("eta", self.eta), f"the {self.sampler} sampler is deterministic (use eta 0, or the ddim sampler)")
-        if not self.guidance_scale >= 0:
+        if self.guidance_scale is not None and not self.guidance_scale >= 0:
             raise SettingError(("guidance_scale", self.guidance_scale), "must be >= 0 (1: no guidance)")
         if self.sampler == "bdia" and self.steps < 2:
             raise SettingError(("steps", self.steps), "the bdia sampler needs at least 2 steps")
         if self.sampler == "bdia" and self.inversion == "plain":
             raise SettingError([("sampler", self.sampler), ("inversion", self.inversion)],
                                "the bdia sampler inverts exactly by construction: use exact inversion")
+
+
+@dataclass
+class Inverted:
+    """What :meth:`Engine.invert` gives for a batch: the latents ``x_T`` (B, C, h, w), for a pair sampler (bdia)
+    the latent's second state ``x_prev`` (x_{T-1}; None otherwise), and what the inversion cost (``stats``)."""
+
+    x_T: Tensor
+    x_prev: Tensor | None
+    stats: InversionStats
 
 
 @dataclass
@@ -133,62 +147,52 @@ class Edit:
     mse: Tensor
 
 
-@dataclass
 class Engine:
-    """A model ready to sample and invert with fixed options.
+    """A loaded model ready to sample and invert with fixed options.
 
-    ``model``: ``model(x, t) -> output`` in ``model_dtype`` on ``device``; ``image_shape``: (C, H, W) of the
-    images it makes and takes; ``source``: where the model came from (a :class:`ddimctl.checkpoint.Resolved`), for
-    provenance records.
-
-    Latent diffusion: with an ``autoencoder`` (:mod:`ddimctl.nets.autoencoders`: ``encode(images) -> latents``,
-    ``decode(latents) -> images``, scaled as diffusers' pipelines scale them) the sampler works on latents of
-    ``latent_shape`` (the UNet's), x_T is a latent, and :meth:`generate` / :meth:`decode` return decoded images while
-    :meth:`invert` encodes its images first.
+    ``model``: a :class:`~ddimctl.families.LoadedModel` (its network in ``dtype`` on ``device``). ``image_shape``:
+    (C, H, W) of the images it makes and takes; ``latent_shape``: what the sampler works on (the same for a pixel
+    model; with an ``autoencoder``, x_T is a latent, :meth:`generate` / :meth:`decode` return decoded images and
+    :meth:`invert` encodes its images first). ``source``: where the model came from (a
+    :class:`~ddimctl.checkpoint.Resolved`, None for one built in memory), for provenance records.
     """
 
-    model: Callable[[Tensor, Tensor], Tensor]
-    settings: SamplerSettings
-    options: SamplingOptions
-    image_shape: tuple[int, int, int]
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    model_dtype: torch.dtype = torch.float32
-    source: Any = None
-    num_classes: int | None = None  # class-conditional: the model's class embeddings, labels 0 .. num_classes - 1
-    null_label: int | None = None  # the label the model was trained to read as "no class" (guidance needs it)
-    autoencoder: Any = None  # latent diffusion: images <-> the latents the model samples
-    latent_shape: tuple[int, int, int] | None = None  # what the sampler works on; None: image_shape
-
-    def __post_init__(self) -> None:
-        if self.latent_shape is None:
-            self.latent_shape = self.image_shape
-        self.options.check()
-        w = self.options.guidance_scale
-        if w != 1.0 and self.num_classes is None:
-            raise SettingError(("guidance_scale", w), "the model is not class-conditional")
-        if w != 1.0 and self.null_label is None:
-            raise SettingError(("guidance_scale", w), "the model declares no null (unconditional) class label to "
-                               "guide against (ddimctl's class-conditional models record it as null_class_label)")
-        T = self.settings.num_train_timesteps
-        if self.options.steps > T:
-            raise SettingError(("steps", self.options.steps), f"more than the model's {T} training timesteps")
-        spacing = self.options.resolved_spacing(self.settings)
-        self.settings = self.settings.with_overrides(timestep_spacing=spacing, clip_sample=self.options.clip_sample)
+    def __init__(self, model, options: SamplingOptions | None = None, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.options = options = options if options is not None else SamplingOptions()
+        self.device = torch.device(device)
+        self.model_dtype = dtype
+        self.network = model.network
+        self.source = model.resolved
+        self.autoencoder = model.autoencoder
+        self.conditioner = model.conditioner
+        options.check()
+        refusal = getattr(self.conditioner, "refusal", None)
+        if refusal is not None:
+            raise refusal
+        w = options.guidance_scale
+        if w is None and options.inverting and self.conditioner.guidance == "classifier-free":
+            w = 1.0  # inversion is exact at w = 1 and its latent decodes back at the same w (README: Models)
+        self.guidance_scale = self.conditioner.scale(ConditionOptions(guidance_scale=w))
+        self.image_shape, self.latent_shape = model.shapes(options.height, options.width)
+        T = model.settings.num_train_timesteps
+        if options.steps > T:
+            raise SettingError(("steps", options.steps), f"more than the model's {T} training timesteps")
+        spacing = options.resolved_spacing(model.settings)
+        self.settings = model.settings.with_overrides(timestep_spacing=spacing, clip_sample=options.clip_sample)
         try:
-            self.plan: SamplingPlan = self.settings.plan(self.options.steps)
+            self.plan: SamplingPlan = model.plan(options.steps, self.settings, self.latent_shape)
         except ValueError as e:
-            raise SettingError([("steps", self.options.steps), ("spacing", spacing)], str(e)) from None
-        if self.options.schedule_file is not None:
-            from .tuning import load_schedule, model_identity
+            raise SettingError([("steps", options.steps), ("spacing", spacing)], str(e)) from None
+        if options.schedule_file is not None:
+            from .schedule_files import load_schedule, model_identity
 
-            self.plan = load_schedule(self.options.schedule_file, *model_identity(self.source), self.options.sampler,
-                                      self.options.steps, self.settings.schedule())
-        self.denoiser: Denoiser = self.settings.denoiser(self._call_model)
+            self.plan = load_schedule(options.schedule_file, *model_identity(self.source), options.sampler,
+                                      options.steps, self.settings.schedule())
         # Clipping or thresholding x0_hat makes the step many-to-one, so no inversion can undo it: invert, and
         # decode (which must retrace an inversion), run the plain ODE.
-        self.ode_denoiser: Denoiser = self.settings.with_overrides(clip_sample=False, thresholding=False).denoiser(
-            self._call_model
-        )
+        self.ode_settings = self.settings.with_overrides(clip_sample=False, thresholding=False)
 
     @classmethod
     def load(
@@ -203,81 +207,76 @@ class Engine:
         autoencoder: Any = None,
         autoencoder_scaling_factor: float | None = None,
     ) -> "Engine":
-        """Load a model reference (see :func:`ddimctl.checkpoint.resolve`) onto ``device`` in ``dtype`` and build
+        """Load a model reference (see :func:`ddimctl.families.resolve`) onto ``device`` in ``dtype`` and build
         the engine; ``compile`` and ``options.channels_last`` are applied by :func:`ddimctl.perf.prepare_model`.
-        A latent-diffusion pipeline loads with its autoencoder; ``autoencoder`` (a reference) pairs the UNet with
+        A latent-diffusion pipeline loads with its autoencoder; ``autoencoder`` (a reference) pairs the model with
         another one, ``autoencoder_scaling_factor`` overrides its latent scale, ``variant`` picks weight files such as
         ``fp16``. What the loader does not follow, and compile fallbacks, go to ``note`` one line each."""
-        from .checkpoint import load
+        from dataclasses import replace
+
+        from .families import load
         from .perf import prepare_model
 
         options = options if options is not None else SamplingOptions()
         device = torch.device(device)
-        ckpt = load(ref, device=device, dtype=dtype, variant=variant,
-                    autoencoder=True if autoencoder is None else autoencoder,
-                    autoencoder_scaling_factor=autoencoder_scaling_factor)
-        for line in ckpt.notes:
+        loaded = load(ref, device=device, dtype=dtype, variant=variant,
+                      autoencoder=True if autoencoder is None else autoencoder,
+                      autoencoder_scaling_factor=autoencoder_scaling_factor)
+        for line in loaded.notes:
             if note is not None:
                 note(line)
-        num_classes, null_label = class_conditioning(ckpt.model, ckpt.resolved)
-        model, _ = prepare_model(ckpt.prediction_model(), options.channels_last, compile, note=note)
-        engine = cls(model, ckpt.settings, options, ckpt.image_shape, device, dtype, source=ckpt.resolved,
-                     num_classes=num_classes, null_label=null_label, autoencoder=ckpt.autoencoder,
-                     latent_shape=ckpt.sample_shape)
-        if note is not None and options.guidance_scale != 1.0 and engine.settings.clip_sample:
+        network, _ = prepare_model(loaded.network, options.channels_last, compile, note=note)
+        engine = cls(replace(loaded, network=network), options, device, dtype)
+        if note is not None and engine.guidance_scale != 1.0 and engine.settings.clip_sample:
             note(GUIDED_CLIP_NOTE)
         return engine
 
-    def class_labels(self, labels: Sequence[int] | Tensor | None, n: int | None = None,
-                     field: str = "class_label") -> Tensor | None:
-        """Check class labels for this model and return them as a (B,) int64 tensor (None for an unconditional
-        model). ``n``: the batch size, when one label (a single int) is given for all of it; ``field``: the setting
-        the labels came from, named in errors."""
-        if labels is None:
-            if self.num_classes is not None:
-                raise SettingError((field, "none"), f"the model is class-conditional: give each image a class "
-                                   f"(0 .. {self.num_classes - 1})")
-            return None
-        values = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        if self.num_classes is None:
-            raise SettingError((field, int(values[0])), "the model is not class-conditional")
-        bad = values[(values < 0) | (values >= self.num_classes)]
-        if len(bad):
-            null = f"; {self.null_label} is its null class" if self.null_label is not None else ""
-            raise SettingError((field, int(bad[0])), f"the model has classes 0 .. {self.num_classes - 1}{null}")
-        if n is not None and len(values) == 1:
-            values = values.expand(n)
-        return values.to(self.device)
+    # -- conditions ----------------------------------------------------------------------------------------------
 
-    def default_labels(self, indices: Sequence[int]) -> list[int] | None:
-        """Classes for images that were given none: image i gets class i mod K over the model's real classes (its
-        null class left out), so a grid shows every class in turn; None for an unconditional model."""
-        if self.num_classes is None:
-            return None
-        real = [c for c in range(self.num_classes) if c != self.null_label]
-        return [real[i % len(real)] for i in indices]
+    def conditions(self, options: ConditionOptions, n: int, role: str = "") -> list[Any] | None:
+        """One condition value per image for ``n`` images from the user's options (checked: refused before any
+        work when the model cannot take them); None for an unconditioned model. ``role``: ``to_`` for an edit's
+        target, naming its options in errors."""
+        return self.conditioner.values(options, n, role)
 
-    def _denoisers(self, labels: Tensor | None) -> tuple[Denoiser, Denoiser]:
-        """(sampling denoiser, ODE denoiser) for a batch with these labels (checked by :meth:`class_labels`)."""
-        if labels is None:
-            if self.num_classes is not None:
-                self.class_labels(None)
-            return self.denoiser, self.ode_denoiser
-        extra = {"class_labels": labels, "guidance_scale": self.options.guidance_scale, "null_label": self.null_label}
-        return dataclasses.replace(self.denoiser, **extra), dataclasses.replace(self.ode_denoiser, **extra)
+    def default_conditions(self, n: int) -> list[Any] | None:
+        """The conditions of ``n`` images given none (class-conditional: image i gets class i mod K)."""
+        return self.conditioner.default_values(n)
 
-    def _call_model(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+    def check_conditions(self, values: Sequence[Any] | None, role: str = "") -> None:
+        """Refuse, before any work, conditions the model cannot take (or none where it needs them), and get ready
+        for them (a text model encodes each distinct prompt once, then frees the accelerator of its encoders)."""
+        self.conditioner.check(values, role)
+        self.conditioner.prepare(values, self.device)
+
+    def record(self, value: Any) -> dict[str, Any]:
+        """What reports and latent files record of one image's condition."""
+        return self.conditioner.record(value) if value is not None else {}
+
+    def denoisers(self, conditions: Sequence[Any] | None, n: int, guidance_scale: float | None = None
+                  ) -> tuple[Denoiser, Denoiser]:
+        """(sampling denoiser, ODE denoiser) for a batch of ``n`` images with these conditions, guided with the
+        engine's scale (or ``guidance_scale``)."""
+        values = None if conditions is None else list(conditions)
+        self.conditioner.check(values)
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        cond = self.conditioner.encode(values, n, self.device)
+        uncond = self.conditioner.null(values, n, self.device) if w != 1.0 else None
+        model = guide(self._call_network, self.conditioner, cond, uncond, w)
+        return self.settings.denoiser(model), self.ode_settings.denoiser(model)
+
+    def _call_network(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         x_in = x.to(self.model_dtype)
         if self.options.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
         if self.options.deterministic:
-            out = self._per_sample(x_in, t, labels)
+            out = self._per_sample(x_in, t, cond)
         else:
-            out = self.model(x_in, t) if labels is None else self.model(x_in, t, labels)
+            out = self.network(x_in, t, **cond)
         return out.to(x.dtype).contiguous()
 
-    def _per_sample(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        """The model on each sample alone, each in fresh memory: the result of sample i depends on nothing but its
+    def _per_sample(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """The network on each sample alone, each in fresh memory: the result of sample i depends on nothing but its
         own input, whatever the batch it came in, its position, the batch size or the number of processes.
 
         On the CPU the kernels' rounding also depends on how many threads split an operation, so each sample runs
@@ -286,9 +285,7 @@ class Engine:
         """
         def one(i: int) -> Tensor:
             ti = t[i : i + 1] if t.shape[0] > 1 else t
-            if labels is None:
-                return self.model(x[i : i + 1].clone(), ti.clone())
-            return self.model(x[i : i + 1].clone(), ti.clone(), labels[i : i + 1].clone())
+            return self.network(x[i : i + 1].clone(), ti.clone(), **{k: v[i : i + 1].clone() for k, v in cond.items()})
 
         if x.device.type != "cpu":
             return torch.cat([one(i) for i in range(x.shape[0])])
@@ -310,8 +307,8 @@ class Engine:
         """The model and the settings in effect, as the JSON reports give them."""
         r = self.source
         return {
-            "model": {"ref": getattr(r, "ref", None), "source": getattr(r, "source", None),
-                      "repo_id": getattr(r, "repo_id", None), "revision": getattr(r, "revision", None)},
+            "model": {"ref": r.ref if r else None, "source": r.source if r else None,
+                      "repo_id": r.repo_id if r else None, "revision": r.revision if r else None},
             "settings": {
                 "steps": self.options.steps,
                 "eta": self.options.eta,
@@ -320,9 +317,10 @@ class Engine:
                 "schedule": self.options.schedule_file,
                 "prediction_type": self.settings.prediction_type,
                 "clip_sample": self.settings.clip_sample,
-                "guidance_scale": self.options.guidance_scale,
+                "guidance_scale": self.guidance_scale,
                 "device": str(self.device),
                 "dtype": str(self.model_dtype).replace("torch.", ""),
+                **self.conditioner.describe(),
             },
         }
 
@@ -330,18 +328,19 @@ class Engine:
         """What a latent file records about how its x_T was made (see :mod:`ddimctl.latents`)."""
         r = self.source
         return {
-            "model": getattr(r, "ref", None) or "",
-            "model_revision": getattr(r, "revision", None) or "",
+            "model": (r.ref if r else None) or "",
+            "model_revision": (r.revision if r else None) or "",
             "steps": str(self.options.steps),
             "spacing": self.spacing,
             **({"schedule": self.options.schedule_file} if self.options.schedule_file is not None else {}),
             "sampler": self.options.sampler,
             "inversion": self.options.inversion,
             "prediction_type": self.settings.prediction_type,
-            **({"guidance_scale": self.options.guidance_scale} if self.num_classes is not None else {}),
+            **({"guidance_scale": self.guidance_scale} if self.conditioner.guidance is not None else {}),
+            **self.conditioner.describe(),
         }
 
-    # -- the jobs ------------------------------------------------------------------------------------------------
+    # -- images <-> what the sampler works on --------------------------------------------------------------------
 
     def noise(self, seeds: Sequence[int]) -> Tensor:
         """x_T for each seed: (B, *latent_shape) float32 on the device; identical on every device and batch."""
@@ -365,25 +364,27 @@ class Engine:
 
     def _autoencode(self, fn, x: Tensor) -> Tensor:
         dtype = next(self.autoencoder.parameters()).dtype
-        if self.options.deterministic:  # each image alone, as the UNet runs then
+        if self.options.deterministic:  # each image alone, as the network runs then
             return torch.cat([fn(x[i : i + 1].clone().to(dtype)) for i in range(x.shape[0])]).float()
         return fn(x.to(dtype)).float()
 
+    # -- the jobs ------------------------------------------------------------------------------------------------
+
     @torch.inference_mode()
     def generate(self, seeds: Sequence[int], x_T: Tensor | None = None, callback=None,
-                 x_prev: Tensor | None = None, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 x_prev: Tensor | None = None, conditions: Sequence[Any] | None = None) -> tuple[Tensor, Tensor]:
         """Sample a batch: returns (x_T, x0), each (B, C, H, W) float32, x0 in the model's data range.
 
         Sample i draws from one generator seeded ``seeds[i]``: first its x_T, then (eta > 0) the noise of each step.
         When ``x_T`` is given, the x_T draw is still made and discarded, so a run from saved latents with the same
-        seeds repeats the original run exactly. ``labels``: each sample's class (class-conditional models).
+        seeds repeats the original run exactly. ``conditions``: each sample's condition (a class id, ...).
         """
-        denoiser, _ = self._denoisers(labels)
+        denoiser, _ = self.denoisers(conditions, len(seeds))
         gens = make_generators(seeds)
         drawn = randn(gens, self.latent_shape, torch.float32, self.device)
         x = drawn if x_T is None else x_T.to(self.device, torch.float32)
-        if x_prev is not None:  # a latent pair: only the pair sampler reads it (Engine.decode checks the sampler)
-            return x, self.decode(x, callback, x_prev, denoiser=denoiser)
+        if x_prev is not None:  # a latent pair: only the pair sampler reads it (_decode_with checks the sampler)
+            return x, self._decode_with(denoiser, x, callback, x_prev, self.plan)
         x0 = sample(denoiser, x, self.plan, self.options.sampler, self.options.eta,
                     gens if self.options.eta > 0 else None, callback)
         return x, self.to_images(x0)
@@ -412,19 +413,18 @@ class Engine:
                                f"no inversion for this sampler yet (invertible: {', '.join(INVERT_FUNCTIONS)})")
 
     @torch.inference_mode()
-    def invert(self, x0: Tensor, callback=None, labels: Tensor | None = None,
-               plan: SamplingPlan | None = None) -> tuple[Tensor, InversionStats]:
-        """x_T (B, C, H, W) whose eta = 0 sample with this sampler is x0, and what the inversion cost. For a pair
-        sampler (bdia) ``stats.latents_prev`` holds the latent's second state x_{T-1}."""
+    def invert(self, x0: Tensor, callback=None, conditions: Sequence[Any] | None = None,
+               plan: SamplingPlan | None = None) -> Inverted:
+        """x_T (B, C, H, W) whose eta = 0 sample with this sampler is x0 (and, for a pair sampler, the latent's
+        second state x_{T-1}), and what the inversion cost."""
         self.check_invertible()
-        _, ode = self._denoisers(labels)
+        _, ode = self.denoisers(conditions, x0.shape[0])
         stats = InversionStats()
         x, x_prev = INVERT_FUNCTIONS[self.options.sampler](
             ode, self.to_latents(x0).to(self._state_dtype), plan or self.plan, self.options.inversion == "exact",
             self.options.tol, self.options.max_iter, callback, stats,
         )
-        stats.latents_prev = x_prev  # kept in the state's dtype: a bdia pair rounded to float32 decodes ~1e-4 off
-        return x, stats
+        return Inverted(x, x_prev, stats)  # x_prev in the state's dtype: a bdia pair rounded to float32 decodes ~1e-4 off
 
     @property
     def _state_dtype(self) -> torch.dtype:
@@ -434,36 +434,40 @@ class Engine:
         return torch.float64 if self.pair_latents and self.device.type != "mps" else torch.float32
 
     @torch.inference_mode()
-    def decode(self, x_T: Tensor, callback=None, x_prev: Tensor | None = None, denoiser=None,
-               labels: Tensor | None = None, plan: SamplingPlan | None = None) -> Tensor:
+    def decode(self, x_T: Tensor, callback=None, x_prev: Tensor | None = None,
+               conditions: Sequence[Any] | None = None, plan: SamplingPlan | None = None) -> Tensor:
         """The eta = 0 sample of x_T with this sampler, without clipping (the inverse of :meth:`invert`;
         reconstruct, interpolate). ``x_prev``: the second state of a pair latent (bdia only)."""
-        denoiser = denoiser if denoiser is not None else self._denoisers(labels)[1]
+        _, ode = self.denoisers(conditions, x_T.shape[0])
+        return self._decode_with(ode, x_T, callback, x_prev, plan or self.plan)
+
+    def _decode_with(self, denoiser: Denoiser, x_T: Tensor, callback, x_prev: Tensor | None,
+                     plan: SamplingPlan) -> Tensor:
         x = x_T.to(self.device, x_T.dtype if x_T.dtype == torch.float64 else torch.float32)
         if self.pair_latents:
             x_next = None if x_prev is None else x_prev.to(self.device, self._state_dtype)
-            z = sample_bdia(denoiser, x.to(self._state_dtype), plan or self.plan, x_next, callback=callback).float()
+            z = sample_bdia(denoiser, x.to(self._state_dtype), plan, x_next, callback=callback).float()
             return self.to_images(z)
         if x_prev is not None:
             raise SettingError(("sampler", self.options.sampler),
                                f"a latent pair (x_T, x_T-1) decodes only with the {PAIR_SAMPLERS[0]} sampler")
-        return self.to_images(sample(denoiser, x.float(), plan or self.plan, self.options.sampler, 0.0, None, callback))
+        return self.to_images(sample(denoiser, x.float(), plan, self.options.sampler, 0.0, None, callback))
 
     def decode_calls(self, pair: bool = False) -> int:
         """Model calls :meth:`decode` makes per batch (one fewer from a bdia pair: its first state is given)."""
         return len(self.plan) - (1 if pair and self.pair_latents else 0)
 
-    def reconstruct(self, x0: Tensor, callback=None, labels: Tensor | None = None) -> Reconstruction:
+    def reconstruct(self, x0: Tensor, callback=None, conditions: Sequence[Any] | None = None) -> Reconstruction:
         """Invert images x0 (B, C, H, W) in [-1, 1], decode the latents again, and measure the error."""
         from .images import mse, psnr
 
-        x_T, stats = self.invert(x0, callback, labels)
-        x_prev = stats.latents_prev
-        rec = self.decode(x_T, callback, x_prev, labels=labels)
+        inv = self.invert(x0, callback, conditions)
+        rec = self.decode(inv.x_T, callback, inv.x_prev, conditions=conditions)
         target = x0.to(rec.device, rec.dtype)
         ae = None if self.autoencoder is None else mse(self.to_images(self.to_latents(x0)), target)
-        return Reconstruction(x_T, rec, mse(rec, target), psnr(rec, target), stats,
-                              decode_calls=self.decode_calls(x_prev is not None), x_prev=x_prev, autoencoder_mse=ae)
+        return Reconstruction(inv.x_T, rec, mse(rec, target), psnr(rec, target), inv.stats,
+                              decode_calls=self.decode_calls(inv.x_prev is not None), x_prev=inv.x_prev,
+                              autoencoder_mse=ae)
 
     def edit_steps(self, strength: float) -> int:
         """How many of the plan's steps an edit of ``strength`` in (0, 1] regenerates (at least one)."""
@@ -471,31 +475,32 @@ class Engine:
             raise SettingError(("strength", strength), "must be in (0, 1]")
         return max(1, round(strength * len(self.plan)))
 
-    def edit(self, x0: Tensor, source: Tensor, target: Tensor, strength: float = 1.0, callback=None) -> "Edit":
-        """DDIM editing of images x0 (B, C, H, W) in [-1, 1] from class ``source`` to class ``target`` (each (B,),
-        see :meth:`class_labels`): invert exactly under the source class over the last ``strength`` share of the
-        plan's steps (1: all of them, to x_T), then sample from there under the target class. Less strength keeps
-        more of the image (only the less noisy part of the trajectory is regenerated)."""
+    def edit(self, x0: Tensor, source: Sequence[Any], target: Sequence[Any], strength: float = 1.0,
+             callback=None) -> Edit:
+        """DDIM editing of images x0 (B, C, H, W) in [-1, 1] from the conditions ``source`` to ``target`` (one value
+        each per image): invert exactly under the source over the last ``strength`` share of the plan's steps (1:
+        all of them, to x_T), then sample from there under the target. Less strength keeps more of the image (only
+        the less noisy part of the trajectory is regenerated)."""
         from .images import mse
 
         k = self.edit_steps(strength)
         if self.pair_latents and k < 2:
             raise SettingError(("strength", strength), f"the {PAIR_SAMPLERS[0]} sampler needs at least 2 steps to regenerate")
         plan = self.plan.tail(k)
-        x_mid, stats = self.invert(x0, callback, source, plan)
-        edited = self.decode(x_mid, callback, stats.latents_prev, labels=target, plan=plan)
-        return Edit(x_mid, edited, stats, k, mse(edited, x0.to(edited.device, edited.dtype)))
+        inv = self.invert(x0, callback, source, plan)
+        edited = self.decode(inv.x_T, callback, inv.x_prev, conditions=target, plan=plan)
+        return Edit(inv.x_T, edited, inv.stats, k, mse(edited, x0.to(edited.device, edited.dtype)))
 
     @torch.inference_mode()
-    def second_state(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
+    def second_state(self, x_T: Tensor, conditions: Sequence[Any] | None = None) -> Tensor:
         """x_{T-1} = the DDIM step from x_T (one model call): a pair sampler's second state when only x_T is known
         (a seed, or a latent file from another sampler); bdia's own first step."""
         x = x_T.to(self.device, torch.float32)
         ts = model_times(self.plan, x)
-        out = self._denoisers(labels)[1](x, ts[0:1], self.plan.a[0], self.plan.b[0])
+        out = self.denoisers(conditions, x.shape[0])[1](x, ts[0:1], self.plan.a[0], self.plan.b[0])
         return ddim_step(out[0], out[1], self.plan.a[1], self.plan.b[1])
 
-    def end_latent(self, end: "End", labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def end_latent(self, end: "End", conditions: Sequence[Any] | None = None) -> tuple[Tensor, Tensor | None]:
         """(x_T, x_{T-1} or None), each (1, C, H, W) on the device, for a parsed interpolation end (an image end is
         inverted here). A pair sampler always gets the pair (x_{T-1} made by :meth:`second_state` if need be)."""
         if end.kind == "seed":
@@ -504,68 +509,93 @@ class Engine:
             x_T = end.tensor[:1].to(self.device)
             x_prev = None if end.tensor_prev is None else end.tensor_prev[:1].to(self.device)
         else:
-            x_T, stats = self.invert(end.tensor[:1], labels=labels)
-            x_prev = stats.latents_prev
+            inv = self.invert(end.tensor[:1], conditions=conditions)
+            x_T, x_prev = inv.x_T, inv.x_prev
         if x_prev is not None and not self.pair_latents:
             raise InputError(f"{end.spec}: holds a {PAIR_SAMPLERS[0]} latent pair; interpolate it with the "
                              f"{PAIR_SAMPLERS[0]} sampler")
         if self.pair_latents and x_prev is None:
-            x_prev = self.second_state(x_T, labels)
+            x_prev = self.second_state(x_T, conditions)
         return x_T, x_prev
 
+    def interpolation(self, a: "End", b: "End", alphas: Sequence[float], conditions: Sequence[Any] | None = None
+                      ) -> tuple[Tensor, Tensor | None]:
+        """The latents of the frames between the ends ``a`` and ``b`` at ``alphas`` (0: a, 1: b), slerped in x_T:
+        (K, C, h, w), and for a pair sampler the frames' second states, slerped alongside (the ends stay exact);
+        ``conditions``: the condition (one value) an image end is inverted under."""
+        (xa, pa), (xb, pb) = self.end_latent(a, conditions), self.end_latent(b, conditions)
+        x_T = torch.cat([slerp(xa, xb, t) for t in alphas])  # (K, C, h, w)
+        x_prev = torch.cat([slerp(pa, pb, t) for t in alphas]) if self.pair_latents else None
+        return x_T, x_prev
 
-def parse_class_labels(spec: str) -> list[int]:
-    """``--class-label``: one integer for every image, or a text file with one integer label per line (blank lines
-    and ``#`` comments skipped), the i-th for the i-th image."""
-    try:
-        return [int(spec)]
-    except ValueError:
-        pass
-    path = Path(spec)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"{spec}: neither an integer class label nor a file of labels") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{spec}: cannot read the class labels ({e.__class__.__name__})") from None
-    labels = []
-    for n, line in enumerate(lines, 1):
-        text = line.split("#", 1)[0].strip()
-        if text:
-            try:
-                labels.append(int(text))
-            except ValueError:
-                raise InputError(f"{spec}: line {n} is not an integer class label ({text!r})") from None
-    if not labels:
-        raise InputError(f"{spec}: no class labels in the file")
-    return labels
+    def tune(self, seeds: Sequence[int], heldout_seeds: Sequence[int], method: str = "ld3", iterations: int = 20,
+             reference_steps: int | None = None, batch_size: int = 64, callback=None,
+             conditions: Sequence[Any] | None = None):
+        """Tune this plan's levels for the engine's sampler and number of steps on the noises of ``seeds`` (each
+        seed's x_T, as :meth:`generate` draws it), then measure the tuned and the untuned plan against the
+        reference on those and on ``heldout_seeds``; a :class:`~ddimctl.schedule_files.TunedSchedule`.
+        ``conditions``: one per training seed then one per held-out seed (default: the model's defaults).
 
+        ``callback`` gets ``phase`` ("reference", "tuning", "held-out"), ``step`` and ``total``. The network's
+        parameters are frozen while tuning and restored after.
+        """
+        from .schedule_files import TunedSchedule, model_identity
+        from .tuning import (
+            DEFAULT_INITS, REFERENCE_SAMPLER, REFERENCE_STEPS, TuneReport, plan_error, reference_samples,
+            reference_trajectory, tune_plan,
+        )
 
-def labels_for(labels: list[int] | None, count: int, spec: str | None) -> list[int] | None:
-    """``count`` per-image labels from :func:`parse_class_labels`'s result: one label repeated, or exactly one
-    per image."""
-    if labels is None:
-        return None
-    if len(labels) == 1:
-        return labels * count
-    if len(labels) != count:
-        raise InputError(f"{spec}: {len(labels)} class labels for {count} images")
-    return labels
+        reference_steps = reference_steps or REFERENCE_STEPS
+        sampler, steps = self.options.sampler, self.options.steps
+        schedule = self.settings.schedule()
+        seeds, heldout_seeds = list(seeds), list(heldout_seeds)
+        if conditions is None:
+            conditions = self.default_conditions(len(seeds) + len(heldout_seeds))
+        train_cond = None if conditions is None else list(conditions)[: len(seeds)]
+        held_cond = None if conditions is None else list(conditions)[len(seeds):]
+        denoise = self.denoisers(train_cond, len(seeds))[0]
+        module = self.model.model
+        frozen = [p for p in module.parameters() if p.requires_grad] if isinstance(module, torch.nn.Module) else []
+        for p in frozen:
+            p.requires_grad_(False)
 
+        def phase(name: str):
+            return None if callback is None else (lambda info: callback({**info, "phase": name}))
 
-def class_conditioning(model: Any, resolved: Any) -> tuple[int | None, int | None]:
-    """(number of classes, null label) of a loaded UNet: ``num_class_embeds`` (None for an unconditional model) and
-    the null label its checkpoint declares (``null_class_label`` in ddimctl's metadata; None when it declares none,
-    as diffusers' UNet2DModel configs do). Class embeddings that are not a table of integer labels (diffusers'
-    ``class_embed_type`` ``timestep`` / ``identity``) are refused: ddimctl passes class ids."""
-    if not getattr(model, "is_class_conditional", False):
-        return None, None
-    n = getattr(model, "num_class_embeds", None)
-    if n is None:
-        raise SettingError(("class_embed_type", model.config.get("class_embed_type")),
-                           "ddimctl conditions on integer class ids (num_class_embeds); this embedding is not supported")
-    null = (getattr(resolved, "meta", None) or {}).get("null_class_label")
-    return int(n), (int(null) if null is not None else None)
+        try:
+            noises = self.noise(seeds)
+            ref = reference_trajectory(denoise, schedule, noises, REFERENCE_SAMPLER, reference_steps, batch_size,
+                                       callback=phase("reference"))
+            report = TuneReport()
+            inits = [*DEFAULT_INITS, self.plan]
+            plan = tune_plan(denoise, schedule, steps, sampler, noises, ref, method=method, iterations=iterations,
+                             init=inits, batch_size=batch_size, callback=callback, report=report)
+            errors = {"train": {"tuned": plan_error(denoise, plan, sampler, noises, ref.x0, batch_size),
+                                "untuned": plan_error(denoise, self.plan, sampler, noises, ref.x0, batch_size)}}
+            if heldout_seeds:
+                held_denoise = self.denoisers(held_cond, len(heldout_seeds))[0]
+                held = self.noise(heldout_seeds)
+                held_ref = reference_samples(held_denoise, schedule, held, REFERENCE_SAMPLER, reference_steps,
+                                             batch_size, callback=phase("held-out"))
+                errors["heldout"] = {
+                    "tuned": plan_error(held_denoise, plan, sampler, held, held_ref, batch_size),
+                    "untuned": plan_error(held_denoise, self.plan, sampler, held, held_ref, batch_size)}
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        ref_name, revision = model_identity(self.source)
+        own = {f"plan {len(inits) - 1}": f"{self.spacing} (untuned)"}  # tune_plan's name for the engine's plan
+        tuning = {
+            "method": method, "iterations": iterations if method == "ld3" else 0,
+            "reference": {"sampler": REFERENCE_SAMPLER, "steps": reference_steps, "spacing": "logsnr"},
+            "clip_sample": bool(self.settings.clip_sample),
+            "untuned_spacing": self.spacing, "seeds": seeds, "heldout_seeds": heldout_seeds,
+            "init": own.get(report.init, report.init),
+            "init_errors": {own.get(k, k): v for k, v in report.init_errors.items()},
+            "initial_error": report.initial_error, "losses": report.losses,
+        }
+        return TunedSchedule.from_plan(plan, ref_name or "", revision, sampler, self.settings.kind,
+                                       self.settings.prediction_type, errors=errors, tuning=tuning)
 
 
 _WORKERS: list = []
@@ -627,7 +657,7 @@ def parse_end(spec: str, image_shape: tuple[int, int, int], latent_shape: tuple[
     from .images import iter_image_paths, load_image
 
     (path,) = iter_image_paths([spec])[:1]
-    img = load_image(path, image_shape[0], image_shape[1])
+    img = load_image(path, image_shape[0], tuple(image_shape[1:]))
     return End(spec, "image", tensor=img.tensor, notes=img.notes)
 
 
