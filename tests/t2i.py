@@ -469,7 +469,8 @@ CLIP_TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")
 
 
 def save(pipe, folder: Path, *, variant: str | None = None, dtype: torch.dtype | None = None,
-         max_shard_size: int | str | None = None, hub_tokenizer_files: bool = True) -> Path:
+         max_shard_size: int | str | None = None, hub_tokenizer_files: bool = True,
+         hub_key_names: bool = True) -> Path:
     """Write ``pipe`` as a diffusers folder (``save_pretrained``, safetensors, ``model_index.json``).
 
     - ``variant`` (e.g. ``"fp16"``) names the weight files ``*.fp16.safetensors``; ``dtype`` converts a *copy* of
@@ -482,6 +483,9 @@ def save(pipe, folder: Path, *, variant: str | None = None, dtype: torch.dtype |
     - ``hub_tokenizer_files``: CLIP tokenizer folders as real SD repos ship them (vocab.json, merges.txt,
       special_tokens_map.json, tokenizer_config.json, *no* tokenizer.json), so a loader that fetches only some file
       patterns from the Hub is caught missing merges.txt. T5 tokenizers keep transformers' tokenizer.json.
+    - ``hub_key_names``: ``CLIPTextModel`` weights under the key names real repos have (``text_model.embeddings...``):
+      transformers 5 saves a ``CLIPTextModel`` without the ``text_model.`` prefix (it flattened the class), which
+      transformers 4 would not load (it would warn and leave the weights random). transformers 5 reads both.
     """
     import copy
 
@@ -490,6 +494,10 @@ def save(pipe, folder: Path, *, variant: str | None = None, dtype: torch.dtype |
     if dtype is not None:
         target = copy.deepcopy(pipe).to(dtype)
     target.save_pretrained(folder, safe_serialization=True, variant=variant, max_shard_size=max_shard_size)
+    if hub_key_names:
+        for name, part in pipe.components.items():
+            if type(part).__name__ == "CLIPTextModel" and (folder / name).is_dir():
+                _prefix_keys(folder / name, "text_model.")
     if hub_tokenizer_files:
         for name in CLIP_TOKENIZER_DIRS:
             tok = getattr(pipe, name, None)
@@ -497,6 +505,23 @@ def save(pipe, folder: Path, *, variant: str | None = None, dtype: torch.dtype |
                 (folder / name / "tokenizer.json").unlink(missing_ok=True)
                 write_clip_vocab(folder / name, str(tok.pad_token), tok.model_max_length)
     return folder
+
+
+def _prefix_keys(folder: Path, prefix: str) -> None:
+    """Rename every tensor of the safetensors files (and shard indexes) in ``folder`` to ``prefix + name``, where it
+    does not already start with ``prefix``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for f in folder.glob("*.safetensors"):
+        with safe_open(f, "pt") as src:
+            meta = src.metadata()
+            tensors = {k if k.startswith(prefix) else prefix + k: src.get_tensor(k) for k in src.keys()}
+        save_file(tensors, f, metadata=meta)
+    for f in folder.glob("*.safetensors.index*.json"):
+        index = json.loads(f.read_text())
+        index["weight_map"] = {k if k.startswith(prefix) else prefix + k: v for k, v in index["weight_map"].items()}
+        f.write_text(json.dumps(index, indent=2))
 
 
 def to_hub_cache(cache_dir: Path, repo_id: str, folder: Path, ref: str | None = "main",
@@ -593,17 +618,21 @@ def refusal_fixture(name: str, folder: Path, seed: int = 0) -> Path:
                 conditioning_embedding_out_channels=(16, 32), norm_num_groups=32).eval()
         save(diffusers.StableDiffusionControlNetPipeline(**parts, controlnet=controlnet), folder)
     elif name == "sd-ip-adapter":
-        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
         parts = _sd_parts(seed)
         with _seeded(seed + 6):
             image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
                 hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                 intermediate_size=37, patch_size=8)).eval()
-        extractor = CLIPImageProcessor(crop_size=32, size=32)
+        extractor = CLIPImageProcessorPil(crop_size=32, size=32)  # CLIPImageProcessor without torchvision
         pipe = diffusers.StableDiffusionPipeline(**parts, image_encoder=image_encoder)
         pipe.register_modules(feature_extractor=extractor)
         save(pipe, folder)
+        index = json.loads((folder / "model_index.json").read_text())
+        index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]  # as real repos name it
+        _write_json(folder / "model_index.json", index)
     elif name == "sdxl-refiner":
         base = sdxl(seed)
         unet_r = unet(seed + 7, cross_attention_dim=CLIP_G["hidden_size"], use_linear_projection=True,

@@ -84,6 +84,13 @@ def run_family(name: str) -> None:
     hub = t2i.from_pretrained(repo)
     t_hub = tm()
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    check(not (folder / "tokenizer" / "tokenizer.json").exists() and (folder / "tokenizer" / "merges.txt").exists(),
+          f"{name}: CLIP tokenizer folder in the Hub layout")
+    if type(pipe.text_encoder).__name__ == "CLIPTextModel":
+        from safetensors import safe_open
+
+        with safe_open(folder / "text_encoder" / "model.safetensors", "pt") as f:
+            check(all(k.startswith("text_model.") for k in f.keys()), f"{name}: CLIPTextModel keys as on the Hub")
     print(f"{name}: {type(pipe).__name__}, build {t_build:.2f}s, save {t_save:.2f}s ({size / 1e6:.1f} MB), "
           f"load folder {t_load:.2f}s, load hub cache {t_hub:.2f}s")
     prompt = "A photo of a cat, sitting on a mat!"
