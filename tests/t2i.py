@@ -17,7 +17,8 @@ What is here:
   (safetensors; fp16 variant and shards on request; CLIP tokenizers in the Hub's vocab.json + merges.txt layout).
 - Refusal fixtures: :func:`refusal_fixtures` writes folders of pipelines ddimctl must refuse (img2img-only, inpaint,
   ControlNet, IP-Adapter, SDXL refiner, Flux Fill / Kontext / Redux / ControlNet), see :data:`REFUSALS`.
-- :func:`to_hub_cache` puts a saved folder into a Hugging Face cache (tests/hubcache.py's ``add_snapshot``).
+- :func:`to_hub_cache` puts a saved folder into a Hugging Face cache (tests/hubcache.py's ``add_snapshot``);
+  :func:`from_pretrained` loads a folder or repo id with diffusers (passing None for model_index's null parts).
 - Reference runners: :func:`reference_latents` runs the diffusers pipeline itself from given initial latents and
   returns the final latents (DDIMScheduler swapped in for SD / SDXL, unpacked (B, C, h, w) for Flux);
   :func:`reference_latents_f64` does the same with the whole pipeline in float64 (and, by default, a float64
