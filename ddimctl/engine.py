@@ -128,6 +128,7 @@ class Reconstruction:
     decode_calls: int = 0
     x_prev: Tensor | None = None  # the latent's second state, for a pair sampler (bdia)
     autoencoder_mse: Tensor | None = None  # latent diffusion: the autoencoder's own round trip (encode, decode)
+    inversion_mse: Tensor | None = None  # latent diffusion: the reconstruction against that round trip
 
     @property
     def model_calls(self) -> int:
@@ -464,10 +465,13 @@ class Engine:
         inv = self.invert(x0, callback, conditions)
         rec = self.decode(inv.x_T, callback, inv.x_prev, conditions=conditions)
         target = x0.to(rec.device, rec.dtype)
-        ae = None if self.autoencoder is None else mse(self.to_images(self.to_latents(x0)), target)
+        ae = inv_mse = None
+        if self.autoencoder is not None:  # how much of the error is the autoencoder's, and how much the inversion's
+            round_trip = self.to_images(self.to_latents(x0))
+            ae, inv_mse = mse(round_trip, target), mse(rec, round_trip)
         return Reconstruction(inv.x_T, rec, mse(rec, target), psnr(rec, target), inv.stats,
                               decode_calls=self.decode_calls(inv.x_prev is not None), x_prev=inv.x_prev,
-                              autoencoder_mse=ae)
+                              autoencoder_mse=ae, inversion_mse=inv_mse)
 
     def edit_steps(self, strength: float) -> int:
         """How many of the plan's steps an edit of ``strength`` in (0, 1] regenerates (at least one)."""

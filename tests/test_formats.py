@@ -404,16 +404,6 @@ def test_dit_on_the_hub_is_refused_without_downloading_weights(dit, tmp_path, mo
     assert not [f for f in fetched(tmp_path, "facebook/dit-like") if f.endswith(".safetensors")]
 
 
-SD_INDEX = {
-    "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-    "feature_extractor": ["transformers", "CLIPImageProcessor"], "image_encoder": [None, None],
-    "requires_safety_checker": True, "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
-    "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
-
-
 def _pipeline_dir(tmp_path: Path, index: dict, unet_dir: Path | None = None) -> Path:
     root = tmp_path / "pipe"
     root.mkdir()
@@ -421,13 +411,6 @@ def _pipeline_dir(tmp_path: Path, index: dict, unet_dir: Path | None = None) -> 
     if unet_dir is not None:
         shutil.copytree(unet_dir, root / "unet")
     return root
-
-
-def test_text_to_image_pipeline_is_refused_naming_the_text_encoder(tmp_path, latent_unet):
-    root = _pipeline_dir(tmp_path, SD_INDEX, latent_unet[0] / "unet4")
-    assert _one_line(lambda: families.load(root), ConfigError) == (
-        f"{root}/model_index.json: StableDiffusionPipeline is conditioned on text or images (component text_encoder: "
-        f"transformers CLIPTextModel); {RUNS}, unconditional or class-conditional")
 
 
 @pytest.mark.parametrize(
@@ -522,7 +505,7 @@ def test_class_conditional_unet_records_its_classes(diffusers, tmp_path):
     assert resolve(tmp_path / "cls").describe()["num_class_embeds"] == 10
     _unet(diffusers, seed=13, class_embed_type="timestep").save_pretrained(tmp_path / "cts")
     timestep = families.load(tmp_path / "cts")
-    assert timestep.conditioner.kind == "class" and "class_embed_type timestep" in str(timestep.conditioner.refusal)
+    assert timestep.conditioner.refusal.fields == [("class_embed_type", "timestep")]
     assert timestep.notes == [f"{tmp_path}/cts/config.json: class-conditional (class_embed_type 'timestep'): "
                               "samples are conditioned on a class label"]
 

@@ -153,7 +153,7 @@ def autoencoder_config(
     """
     import torch as _torch
 
-    from .nets.autoencoders import autoencoder_from_config
+    from ..nets.autoencoders import autoencoder_from_config
 
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")

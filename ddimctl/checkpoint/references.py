@@ -144,7 +144,6 @@ class Resolved:
 
     ref: str
     source: str  # "builtin" | "dir" | "file" | "hub"
-    family: str
     weights: Path
     model_config: dict[str, Any]
     scheduler_config: dict[str, Any]
@@ -162,6 +161,7 @@ class Resolved:
     parts: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     pairing_notes: list[str] = field(default_factory=list)
+    family: str = "unet2d"
 
     def __post_init__(self) -> None:
         if not self.weight_files:

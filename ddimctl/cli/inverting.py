@@ -76,7 +76,8 @@ def reconstruct(
             ok = [a and b for a, b in zip(finite_or_note(rec.x_T, names, rep), finite_or_note(rec.x0, names, rep))]
             x_rec = rec.x0.float().cpu()
             for j, i in enumerate(chunk):
-                extra = {} if rec.autoencoder_mse is None else {"autoencoder_mse": float(rec.autoencoder_mse[j])}
+                extra = {} if rec.autoencoder_mse is None else {"autoencoder_mse": float(rec.autoencoder_mse[j]),
+                                                                "inversion_mse": float(rec.inversion_mse[j])}
                 if job.keep(ok[j], i, j, infos[j], rec.model_calls, rec.stats,
                             mse=float(rec.mse[j]), psnr=float(rec.psnr[j]), compare=str(compares[i]), **extra):
                     save_png(x_rec[j], job.targets[i])
@@ -85,7 +86,8 @@ def reconstruct(
                     rep.output(compares[i])
     metrics = mean_metrics([r["mse"] for r in job.records])
     for r in job.records:
-        ae = f" (the autoencoder alone: mse {r['autoencoder_mse']:.3g})" if "autoencoder_mse" in r else ""
+        ae = (f" (the autoencoder alone: mse {r['autoencoder_mse']:.3g}; the inversion against it: "
+              f"{r['inversion_mse']:.3g})" if "autoencoder_mse" in r else "")
         rep.note(f"{r['source']}: mse {r['mse']:.3g}, psnr {r['psnr']:.2f} dB{ae}")
     if metrics:
         rep.note(f"mean over {len(job.records)} images: mse {metrics['mean_mse']:.3g}, psnr {metrics['mean_psnr']:.2f} dB")

@@ -101,10 +101,10 @@ def resolve(loc: Location, variant: str | None) -> Resolved:
     notes = notes_for_unused(index, _UNUSED) + [n for p in (unet, vae, *encoders) for n in p.notes] + list(
         settings.notes)
     files = [index.path, *scheduler_files] + [f for p in (unet, vae, *encoders) for f in p.files]
-    return Resolved(loc.ref, loc.source, name, unet.weights.files[0], cfg, scheduler_config, {}, files=files,
+    return Resolved(loc.ref, loc.source, unet.weights.files[0], cfg, scheduler_config, {}, files=files,
                     config_source=where, scheduler_source=scheduler_source, weight_files=list(unet.weights.files),
                     weights_index=unet.weights.index, variant=unet.weights.variant, index=index,
-                    parts={"unet": unet, **parts}, notes=notes)
+                    parts={"unet": unet, **parts}, notes=notes, family=name)
 
 
 def pair_autoencoder(r: Resolved, autoencoder: Any, scaling_factor: float | None, variant: str | None) -> Resolved:

@@ -190,10 +190,10 @@ def _resolve_dir(loc: Location, variant: str | None) -> Resolved:
             lambda pats: loc.fetch([f"{component}/{p}" for p in pats]), loc.variants,
             trained_scale=trained.get("scaling_factor"),
         )
-    r = Resolved(loc.ref, loc.source, name, weights.files[0], model_config, scheduler_config, meta, files=files,
+    r = Resolved(loc.ref, loc.source, weights.files[0], model_config, scheduler_config, meta, files=files,
                  config_source=str(config_path), scheduler_source=scheduler_source, weight_files=list(weights.files),
                  weights_index=weights.index, variant=weights.variant, index=index,
-                 notes=_unet_notes(model_config, str(config_path), settings))
+                 notes=_unet_notes(model_config, str(config_path), settings), family=name)
     if autoencoder is not None:
         r = _attach_autoencoder(r, autoencoder)
     return r
@@ -274,9 +274,9 @@ def _resolve_file(ref: str, path: Path) -> Resolved:
                 break
     settings = SamplerSettings.from_config(scheduler_config, source=scheduler_source)
     meta = metadata_json(metadata, "ddimctl", path) or {}
-    return Resolved(ref, "file", name, path, model_config, scheduler_config, meta, files=files,
+    return Resolved(ref, "file", path, model_config, scheduler_config, meta, files=files,
                     config_source=config_source, scheduler_source=scheduler_source,
-                    notes=_unet_notes(model_config, config_source, settings))
+                    notes=_unet_notes(model_config, config_source, settings), family=name)
 
 
 def model_config_of(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
