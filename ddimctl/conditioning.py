@@ -321,13 +321,7 @@ def parse_class_labels(spec: str) -> list[int]:
         return [int(spec)]
     except ValueError:
         pass
-    path = Path(spec)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"{spec}: neither an integer class label nor a file of labels") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{spec}: cannot read the class labels ({e.__class__.__name__})") from None
+    lines = _read_lines(spec, "neither an integer class label nor a file of labels", "the class labels")
     labels = []
     for n, line in enumerate(lines, 1):
         text = line.split("#", 1)[0].strip()
@@ -468,14 +462,19 @@ class TextPrompts(Conditioner):
 
 def read_prompt_file(spec: str) -> list[str]:
     """``--prompt-file``: one prompt per line, the i-th for the i-th image (blank lines skipped)."""
-    path = Path(spec)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"{spec}: no such prompt file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{spec}: cannot read the prompts ({e.__class__.__name__})") from None
+    lines = _read_lines(spec, "no such prompt file", "the prompts")
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise InputError(f"{spec}: no prompts in the file")
     return prompts
+
+
+def _read_lines(spec: str, missing: str, what: str) -> list[str]:
+    """The lines of the text file ``spec``; one-line InputErrors: ``missing`` when there is none, else that
+    ``what`` cannot be read."""
+    try:
+        return Path(spec).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{spec}: {missing}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{spec}: cannot read {what} ({e.__class__.__name__})") from None

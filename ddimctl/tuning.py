@@ -166,35 +166,29 @@ def _batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
-def _part(denoise: Denoise, sl: slice) -> Denoise:
-    """``denoise`` for the noises ``sl`` of the batch it was made for (a conditioned denoiser slices its
-    conditions; a plain callable is the same for every noise)."""
-    return denoise.select(sl) if hasattr(denoise, "select") else denoise
+def _sample_batches(denoise: Denoise, noises: Tensor, plan: SamplingPlan, sampler: str, batch_size: int,
+                    callback_for: Callable[[slice], Any] | None = None):
+    """(slice, x0) for each batch of ``noises`` sampled with ``plan``: ``denoise`` for each batch's noises only
+    (a conditioned denoiser slices its conditions; a plain callable is the same for every noise), and
+    ``callback_for(slice)`` the batch's callback."""
+    for sl in _batches(len(noises), batch_size):
+        part = denoise.select(sl) if hasattr(denoise, "select") else denoise
+        yield sl, sample(part, noises[sl], plan, sampler, callback=None if callback_for is None else callback_for(sl))
 
 
-def reference_samples(
-    denoise: Denoise,
-    schedule: Schedule,
-    noises: Tensor,
-    sampler: str = REFERENCE_SAMPLER,
-    steps: int = REFERENCE_STEPS,
-    batch_size: int = 64,
-    callback: Callable[[dict[str, Any]], None] | None = None,
-) -> Tensor:
-    """The x0 of each noise (K, ...) sampled with ``steps`` calls of ``sampler`` on ``logsnr`` steps."""
-    return reference_trajectory(denoise, schedule, noises, sampler, steps, batch_size, callback, keep=False).x0
+def reference_samples(denoise: Denoise, schedule: Schedule, noises: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """The x0 of each noise (K, ...) sampled with ``steps`` calls of ``sampler`` on ``logsnr`` steps: the samples of
+    :func:`reference_trajectory` (same arguments), without keeping the trajectory."""
+    return reference_trajectory(denoise, schedule, noises, *args, **kwargs, keep=False).x0
 
 
 @torch.no_grad()
 def plan_error(denoise: Denoise, plan: SamplingPlan, sampler: str, noises: Tensor, reference: Tensor,
                batch_size: int = 64) -> float:
     """RMS difference between the samples of ``plan`` from ``noises`` and ``reference`` (all values)."""
-    total, count = 0.0, 0
-    for sl in _batches(len(noises), batch_size):
-        x0 = sample(_part(denoise, sl), noises[sl], plan, sampler)
-        total += float((x0.double() - reference[sl].to(x0.device).double()).pow(2).sum())
-        count += x0.numel()
-    return math.sqrt(total / count)
+    total = sum(float((x0.double() - reference[sl].to(x0.device).double()).pow(2).sum())
+                for sl, x0 in _sample_batches(denoise, noises, plan, sampler, batch_size))
+    return math.sqrt(total / noises.numel())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,8 +220,9 @@ def reference_trajectory(
     """The reference samples of ``noises`` (as :func:`reference_samples`) and, with ``keep``, every call's point
     and data prediction (for :func:`gits_lambdas`)."""
     plan = make_plan(schedule, steps, "logsnr")
-    outs, points, x0s = [], [[] for _ in range(steps)], [[] for _ in range(steps)]
-    for sl in _batches(len(noises), batch_size):
+    points, x0s = [[] for _ in range(steps)], [[] for _ in range(steps)]
+
+    def callback_for(sl: slice):
         seen: list[Tensor] = [noises[sl]]
 
         def record(info: dict[str, Any]) -> None:
@@ -239,7 +234,9 @@ def reference_trajectory(
             if callback is not None:
                 callback(info)
 
-        outs.append(sample(_part(denoise, sl), noises[sl], plan, sampler, callback=record))
+        return record
+
+    outs = [x0 for _, x0 in _sample_batches(denoise, noises, plan, sampler, batch_size, callback_for)]
     if not keep:
         return Reference(torch.cat(outs), plan)
     return Reference(torch.cat(outs), plan, [torch.cat(p) for p in points], [torch.cat(p) for p in x0s])
@@ -399,7 +396,7 @@ def tune_plan(
         total = 0.0
         for sl in _batches(len(noises), batch_size):
             plan = params.plan(theta)  # rebuilt per batch (cheap), so each backward frees its whole graph
-            x0 = sample(_part(denoise, sl), noises[sl], plan, sampler)
+            x0 = sample(denoise.select(sl) if hasattr(denoise, "select") else denoise, noises[sl], plan, sampler)
             loss = (x0.double() - ref_x0[sl].to(x0.device).double()).pow(2).sum() / n_values
             loss.backward()
             total += float(loss.detach())

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .layers import (
-    Attention, Downsample2D, Upsample2D, act, activation, check_block_layout, fmt, in_place_ok, is_int, is_number,
+    Attention, Downsample2D, Upsample2D, act, activation, check_block_layout, complete_config, fmt, in_place_ok, is_int, is_number, shortcut,
 )
 
 __all__ = [
@@ -116,31 +116,7 @@ def _normalize(
     config: Mapping[str, Any], source: str, class_name: str, defaults: Mapping[str, Any], fixed: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Shared part of the two ``normalize_*_config``: known keys, defaults filled in, the common fields checked."""
-    if not isinstance(config, Mapping):
-        raise ConfigError(f"{source}: expected a JSON object, got {type(config).__name__}")
-
-    def fail(message: str) -> ConfigError:
-        return ConfigError(f"{source}: {message}")
-
-    cfg: dict[str, Any] = {}
-    for key, value in config.items():
-        if not isinstance(key, str):
-            raise fail(f"unsupported key {key!r}")
-        if key.startswith("_"):
-            continue  # metadata diffusers writes (_class_name, _diffusers_version, _name_or_path, ...)
-        if key in fixed:
-            if value != fixed[key] or isinstance(value, bool) != isinstance(fixed[key], bool):
-                raise fail(
-                    f"unsupported {key} {fmt(value)} (diffusers' {class_name} always uses {fmt(fixed[key])})"
-                )
-            continue
-        if key not in defaults:
-            raise fail(f"unsupported key '{key}' (value {fmt(value)}) for {class_name}")
-        cfg[key] = value
-    out: dict[str, Any] = {"_class_name": class_name}
-    for key, default in defaults.items():
-        value = cfg.get(key, default)
-        out[key] = list(value) if isinstance(value, tuple) else value
+    out, fail = complete_config(config, source, class_name, defaults, fixed)
 
     check_block_layout(out, fail, DOWN_BLOCK_TYPES, UP_BLOCK_TYPES)
 
@@ -255,11 +231,7 @@ class ResnetBlock2D(nn.Module):
         self.dropout = nn.Dropout(0.0)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.nonlinearity = activation(act_fn)
-        self.conv_shortcut = (
-            nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
-            if in_channels != out_channels
-            else None
-        )
+        self.conv_shortcut = shortcut(in_channels, out_channels)
 
     def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
         fresh = in_place_ok()  # norm and conv outputs below are new tensors nobody else holds
@@ -270,43 +242,49 @@ class ResnetBlock2D(nn.Module):
         return hidden.add_(input_tensor) if fresh else input_tensor + hidden  # a + b == b + a exactly
 
 
-class DownEncoderBlock2D(nn.Module):
+class _ResnetStack(nn.Module):
+    """``num_layers`` resnets from ``in_channels`` to ``out_channels``, then an optional resampler (the subclass's)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
+            for i in range(num_layers)
+        )
+
+    def _resnets(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            hidden_states = resnet(hidden_states)
+        return hidden_states
+
+
+class DownEncoderBlock2D(_ResnetStack):
     """``num_layers`` resnets, then (except in the last block) a stride-2 convolution padded right/bottom."""
 
     def __init__(
         self, in_channels: int, out_channels: int, num_layers: int, add_downsample: bool, groups: int, act_fn: str
     ):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
-            for i in range(num_layers)
-        )
+        super().__init__(in_channels, out_channels, num_layers, groups, act_fn)
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=0)]) if add_downsample else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            hidden_states = resnet(hidden_states)
+        hidden_states = self._resnets(hidden_states)
         if self.downsamplers is not None:
             hidden_states = self.downsamplers[0](hidden_states)  # (B, C, H/2, W/2)
         return hidden_states
 
 
-class UpDecoderBlock2D(nn.Module):
+class UpDecoderBlock2D(_ResnetStack):
     """``num_layers`` resnets, then (except in the last block) nearest 2x upsampling and a 3x3 convolution."""
 
     def __init__(
         self, in_channels: int, out_channels: int, num_layers: int, add_upsample: bool, groups: int, act_fn: str
     ):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
-            for i in range(num_layers)
-        )
+        super().__init__(in_channels, out_channels, num_layers, groups, act_fn)
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            hidden_states = resnet(hidden_states)
+        hidden_states = self._resnets(hidden_states)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states)  # (B, C, 2H, 2W)
         return hidden_states

@@ -7,14 +7,16 @@ The module trees and numerics follow diffusers', so the state-dict keys match an
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "Attention", "Downsample2D", "Upsample2D", "act", "activation", "check_block_layout", "fmt",
-           "in_place_ok", "is_int", "is_number", "upsample_nearest"]
+from ..errors import ConfigError
+
+__all__ = ["ACTIVATIONS", "Attention", "Downsample2D", "Upsample2D", "act", "activation", "check_block_layout", "complete_config", "fmt",
+           "in_place_ok", "is_int", "is_number", "shortcut", "upsample_nearest"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -39,6 +41,41 @@ def is_number(v: Any) -> bool:
     if isinstance(v, float):
         return math.isfinite(v)
     return is_int(v)
+
+
+def complete_config(config: Mapping[str, Any], source: str, class_name: str, defaults: Mapping[str, Any],
+                    fixed: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], Callable[[str], ConfigError]]:
+    """A config with every key of ``defaults`` (in their order, lists as lists, after ``"_class_name"``) and the
+    ``fail(message)`` that makes its one-line errors (``"{source}: {message}"``). Keys starting with ``_`` are
+    dropped; a key not in ``defaults`` is refused, and so is a ``fixed`` key with another value than the one
+    diffusers' class always uses."""
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(config).__name__}")
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError(f"{source}: {message}")
+
+    fixed = fixed or {}
+    cfg: dict[str, Any] = {}
+    for key, value in config.items():
+        if not isinstance(key, str):
+            raise fail(f"unsupported key {key!r}")
+        if key.startswith("_"):
+            continue  # metadata diffusers writes (_class_name, _diffusers_version, _name_or_path, ...)
+        if key in fixed:
+            if value != fixed[key] or isinstance(value, bool) != isinstance(fixed[key], bool):
+                raise fail(
+                    f"unsupported {key} {fmt(value)} (diffusers' {class_name} always uses {fmt(fixed[key])})"
+                )
+            continue
+        if key not in defaults:
+            raise fail(f"unsupported key '{key}' (value {fmt(value)}) for {class_name}")
+        cfg[key] = value
+    out: dict[str, Any] = {"_class_name": class_name}
+    for key, default in defaults.items():
+        value = cfg.get(key, default)
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out, fail
 
 
 def check_block_layout(out: dict[str, Any], fail: Callable[[str], Exception], down_types: tuple, up_types: tuple
@@ -104,7 +141,14 @@ def act(module: nn.Module, x: torch.Tensor, in_place: bool) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# attention and resampling
+# residual, attention and resampling
+
+
+def shortcut(in_channels: int, out_channels: int) -> nn.Conv2d | None:
+    """A resnet's 1x1 ``conv_shortcut`` where the channels change (None where they do not)."""
+    if in_channels == out_channels:
+        return None
+    return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
 def upsample_nearest(hidden_states: torch.Tensor) -> torch.Tensor:
     """2x nearest-neighbour upsampling, (B, C, H, W) -> (B, C, 2H, 2W)."""

@@ -43,9 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
 from .layers import (
-    Attention, Downsample2D, Upsample2D, act, activation, check_block_layout, fmt, in_place_ok, is_int, is_number,
+    Attention, Downsample2D, Upsample2D, act, activation, check_block_layout, complete_config, fmt, in_place_ok, is_int, is_number, shortcut,
     upsample_nearest,
 )
 
@@ -110,25 +109,7 @@ def normalize_config(config: Mapping[str, Any], source: str = "config.json") -> 
     Any key or value this implementation cannot reproduce raises :class:`ConfigError` with a one-line message
     ``"{source}: ..."`` naming the key and the value.
     """
-    if not isinstance(config, Mapping):
-        raise ConfigError(f"{source}: expected a JSON object, got {type(config).__name__}")
-
-    def fail(message: str) -> ConfigError:
-        return ConfigError(f"{source}: {message}")
-
-    cfg: dict[str, Any] = {}
-    for key, value in config.items():
-        if not isinstance(key, str):
-            raise fail(f"unsupported key {key!r}")
-        if key.startswith("_"):
-            continue  # metadata diffusers writes (_class_name, _diffusers_version, _name_or_path, ...)
-        if key not in DEFAULT_CONFIG:
-            raise fail(f"unsupported key '{key}' (value {fmt(value)}) for UNet2DModel")
-        cfg[key] = value
-    out: dict[str, Any] = {"_class_name": "UNet2DModel"}
-    for key, default in DEFAULT_CONFIG.items():
-        value = cfg.get(key, default)
-        out[key] = list(value) if isinstance(value, tuple) else value
+    out, fail = complete_config(config, source, "UNet2DModel", DEFAULT_CONFIG)
 
     def choice(key: str, supported: tuple) -> None:
         value = out[key]
@@ -376,11 +357,7 @@ class ResnetBlock2D(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.nonlinearity = activation(act_fn)
-        self.conv_shortcut = (
-            nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
-            if in_channels != out_channels
-            else None
-        )
+        self.conv_shortcut = shortcut(in_channels, out_channels)
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """``input_tensor`` (B, C_in, H, W), ``temb`` (B, D) or (1, D) (then broadcast over the batch)."""
@@ -409,6 +386,25 @@ class ResnetBlock2D(nn.Module):
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
 
 
+def _resnet_maker(out_channels: int, temb_channels: int, groups: int, eps: float, act_fn: str, dropout: float,
+                  time_embedding_norm: str):
+    """``resnet(c_in, **kwargs)``: a block's :class:`ResnetBlock2D` from ``c_in`` to its ``out_channels``."""
+
+    def resnet(c_in: int, **kwargs: Any) -> ResnetBlock2D:
+        return ResnetBlock2D(c_in, out_channels, temb_channels, groups, eps, act_fn, dropout,
+                             time_embedding_norm=time_embedding_norm, **kwargs)
+
+    return resnet
+
+
+def _attentions(with_attention: bool, num_layers: int, channels: int, head_dim: int, groups: int, eps: float
+                ) -> nn.ModuleList | None:
+    """A block's attention layers (one per resnet), or None for a block without."""
+    if not with_attention:
+        return None
+    return nn.ModuleList(Attention(channels, head_dim, groups, eps) for _ in range(num_layers))
+
+
 class DownBlock2D(nn.Module):
     """diffusers' ``DownBlock2D`` / ``AttnDownBlock2D`` (``with_attention``) / ``ResnetDownsampleBlock2D``:
     resnets (+ attention), then an optional downsampler, ``"conv"`` (:class:`Downsample2D`) or ``"resnet"``
@@ -432,18 +428,10 @@ class DownBlock2D(nn.Module):
     ):
         super().__init__()
 
-        def resnet(c_in: int, **kwargs: Any) -> ResnetBlock2D:
-            return ResnetBlock2D(
-                c_in, out_channels, temb_channels, groups, eps, act_fn, dropout,
-                time_embedding_norm=time_embedding_norm, **kwargs,
-            )  # fmt: skip
+        resnet = _resnet_maker(out_channels, temb_channels, groups, eps, act_fn, dropout, time_embedding_norm)
 
         # attentions registered before resnets, as diffusers does, so state_dict keys come in the same order
-        self.attentions = (
-            nn.ModuleList(Attention(out_channels, attention_head_dim, groups, eps) for _ in range(num_layers))
-            if with_attention
-            else None
-        )
+        self.attentions = _attentions(with_attention, num_layers, out_channels, attention_head_dim, groups, eps)
         self.resnets = nn.ModuleList(resnet(in_channels if i == 0 else out_channels) for i in range(num_layers))
         self.downsamplers: nn.ModuleList | None = None
         if downsample == "conv":
@@ -492,22 +480,14 @@ class UpBlock2D(nn.Module):
     ):
         super().__init__()
 
-        def resnet(c_in: int, **kwargs: Any) -> ResnetBlock2D:
-            return ResnetBlock2D(
-                c_in, out_channels, temb_channels, groups, eps, act_fn, dropout,
-                time_embedding_norm=time_embedding_norm, **kwargs,
-            )  # fmt: skip
+        resnet = _resnet_maker(out_channels, temb_channels, groups, eps, act_fn, dropout, time_embedding_norm)
 
         resnets = []
         for i in range(num_layers):
             res_skip_channels = in_channels if i == num_layers - 1 else out_channels
             resnet_in_channels = prev_output_channel if i == 0 else out_channels
             resnets.append(resnet(resnet_in_channels + res_skip_channels))
-        self.attentions = (
-            nn.ModuleList(Attention(out_channels, attention_head_dim, groups, eps) for _ in range(num_layers))
-            if with_attention
-            else None
-        )
+        self.attentions = _attentions(with_attention, num_layers, out_channels, attention_head_dim, groups, eps)
         self.resnets = nn.ModuleList(resnets)
         self.upsamplers: nn.ModuleList | None = None
         if upsample == "conv":
