@@ -15,10 +15,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from ddimctl import checkpoint, families
+from ddimctl import families
 from ddimctl.nets.autoencoders import VQModel as OurVQModel
-from ddimctl.checkpoint import Resolved, resolve_autoencoder
-from ddimctl.families import resolve
+from ddimctl.checkpoint import resolve_autoencoder
+from ddimctl.families import Resolved, resolve
 from ddimctl.errors import ConfigError, ModelError
 
 from hubcache import add_snapshot, fake_hub, fetched, folder_files, offline_cache

@@ -1,5 +1,4 @@
-"""Model references -> where their files are (:func:`locate`), and what a model family made of them
-(:class:`Resolved`).
+"""Model references -> where their files are (:func:`locate`).
 
 Every reference a command accepts is located here:
 
@@ -17,22 +16,21 @@ pickle checkpoints (``.bin``, ``.ckpt``, ``.pt``, ...) are refused, since unpick
 Every problem is a one-line :class:`~ddimctl.errors.ModelError` naming the reference or file.
 
 Which family of models a folder holds, which of its components are read and what is refused is
-:mod:`ddimctl.families`' decision (:func:`ddimctl.families.resolve`).
+:mod:`ddimctl.families`' decision (:func:`ddimctl.families.resolve`, which gives a ``Resolved``).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from .. import BUILTIN_MODELS
 from ..errors import ModelError
-from ..settings import SamplerSettings
-from .autoencoders import Fetch, ResolvedAutoencoder, no_fetch
-from .files import CONFIG_NAME, MODEL_INDEX, PICKLE_SUFFIXES, SCHEDULER_NAME, pickle_error, read_json
+from .autoencoders import Fetch, no_fetch
+from .files import MODEL_INDEX, PICKLE_SUFFIXES, SCHEDULER_NAME, pickle_error, read_json
 from .hub import hub_fetch, hub_variants, parse_hub_ref
 from .model_index import ModelIndex
 from .weights import DIFFUSERS_STEM, check_variant, variants_in
@@ -121,67 +119,6 @@ def check_variant_for(location: Location, variant: str | None) -> None:
     check_variant(variant)
     if variant is not None and location.file is not None:
         raise ModelError(f"{location.file}: a single file has no variants (variant {variant!r} applies to folders)")
-
-
-@dataclass
-class Resolved:
-    """What a model reference points to, before any weights are read, as its family resolved it.
-
-    ``family``: the name of the :mod:`ddimctl.families` family that reads it. The denoiser network:
-    ``model_config`` (its config, validated and complete), ``weights`` (the first safetensors file),
-    ``weight_files`` (all of them: the shards, in order, when ``weights_index`` names a sharded checkpoint) and
-    ``variant`` (None: the default weights). ``scheduler_config``: the raw diffusers scheduler config ({} when
-    there is none: defaults apply); ``meta``: ddimctl's own metadata ({} when absent); ``revision``: the 40-hex
-    commit for Hub refs, else None. ``config_source``/``scheduler_source`` name where the configs came from, for
-    messages. ``index``: the ``model_index.json`` read, if any; ``autoencoder``: the autoencoder that decodes the
-    network's latents (a latent pipeline's own, or one paired with it), None for a pixel-space model; ``parts``:
-    any further components the family reads (text encoders, tokenizers, ...), by component name.
-
-    Notes, one line each about what ddimctl reads differently from diffusers or does not use: ``notes`` (the
-    model's), the autoencoder's own, then ``pairing_notes`` (how an autoencoder from elsewhere was paired with it):
-    :attr:`all_notes` in that order.
-    """
-
-    ref: str
-    source: str  # "builtin" | "dir" | "file" | "hub"
-    weights: Path
-    model_config: dict[str, Any]
-    scheduler_config: dict[str, Any]
-    meta: dict[str, Any] = field(default_factory=dict)
-    repo_id: str | None = None
-    revision: str | None = None
-    files: list[Path] = field(default_factory=list)
-    config_source: str = CONFIG_NAME
-    scheduler_source: str = SCHEDULER_NAME
-    weight_files: list[Path] = field(default_factory=list)
-    weights_index: Path | None = None
-    variant: str | None = None
-    index: ModelIndex | None = None
-    autoencoder: ResolvedAutoencoder | None = None
-    parts: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    pairing_notes: list[str] = field(default_factory=list)
-    family: str = "unet2d"
-
-    def __post_init__(self) -> None:
-        if not self.weight_files:
-            self.weight_files = [self.weights]
-
-    @property
-    def all_notes(self) -> list[str]:
-        ae = self.autoencoder.notes if self.autoencoder is not None else []
-        return [*self.notes, *ae, *self.pairing_notes]
-
-    def settings(self) -> SamplerSettings:
-        """The sampler settings of the scheduler config (missing keys: the named class's defaults, see
-        :meth:`SamplerSettings.from_config`)."""
-        return SamplerSettings.from_config(self.scheduler_config, source=self.scheduler_source)
-
-    def describe(self) -> dict[str, Any]:
-        """A JSON-able summary for ``ddimctl info`` (the family's); reads headers and hashes files, loads nothing."""
-        from ..families import family
-
-        return family(self.family).describe(self)
 
 
 def read_scheduler_config(root: Path, index: ModelIndex | None, label: str) -> tuple[dict[str, Any], str, list[Path]]:

@@ -21,11 +21,71 @@ import torch
 
 from ..checkpoint.autoencoders import ResolvedAutoencoder
 from ..checkpoint.model_index import ModelIndex, read_model_index
-from ..checkpoint.references import Location, Resolved, check_variant_for, locate
+from ..checkpoint.files import CONFIG_NAME, SCHEDULER_NAME
+from ..checkpoint.references import Location, check_variant_for, locate
 from ..conditioning import Conditioner
 from ..errors import ModelError
 from ..schedule import SamplingPlan
 from ..settings import SamplerSettings
+
+
+@dataclass
+class Resolved:
+    """What a model reference points to, before any weights are read, as its family resolved it.
+
+    ``family``: the name of the :mod:`ddimctl.families` family that reads it. The denoiser network:
+    ``model_config`` (its config, validated and complete), ``weights`` (the first safetensors file),
+    ``weight_files`` (all of them: the shards, in order, when ``weights_index`` names a sharded checkpoint) and
+    ``variant`` (None: the default weights). ``scheduler_config``: the raw diffusers scheduler config ({} when
+    there is none: defaults apply); ``meta``: ddimctl's own metadata ({} when absent); ``revision``: the 40-hex
+    commit for Hub refs, else None. ``config_source``/``scheduler_source`` name where the configs came from, for
+    messages. ``index``: the ``model_index.json`` read, if any; ``autoencoder``: the autoencoder that decodes the
+    network's latents (a latent pipeline's own, or one paired with it), None for a pixel-space model; ``parts``:
+    any further components the family reads (text encoders, tokenizers, ...), by component name.
+
+    Notes, one line each about what ddimctl reads differently from diffusers or does not use: ``notes`` (the
+    model's), the autoencoder's own, then ``pairing_notes`` (how an autoencoder from elsewhere was paired with it):
+    :attr:`all_notes` in that order.
+    """
+
+    ref: str
+    source: str  # "builtin" | "dir" | "file" | "hub"
+    weights: Path
+    model_config: dict[str, Any]
+    scheduler_config: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+    repo_id: str | None = None
+    revision: str | None = None
+    files: list[Path] = field(default_factory=list)
+    config_source: str = CONFIG_NAME
+    scheduler_source: str = SCHEDULER_NAME
+    weight_files: list[Path] = field(default_factory=list)
+    weights_index: Path | None = None
+    variant: str | None = None
+    index: ModelIndex | None = None
+    autoencoder: ResolvedAutoencoder | None = None
+    parts: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    pairing_notes: list[str] = field(default_factory=list)
+    family: str = "unet2d"
+
+    def __post_init__(self) -> None:
+        if not self.weight_files:
+            self.weight_files = [self.weights]
+
+    @property
+    def all_notes(self) -> list[str]:
+        ae = self.autoencoder.notes if self.autoencoder is not None else []
+        return [*self.notes, *ae, *self.pairing_notes]
+
+    def settings(self) -> SamplerSettings:
+        """The sampler settings of the scheduler config (missing keys: the named class's defaults, see
+        :meth:`SamplerSettings.from_config`)."""
+        return SamplerSettings.from_config(self.scheduler_config, source=self.scheduler_source)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary for ``ddimctl info`` (the family's); reads headers and hashes files, loads nothing."""
+        return family(self.family).describe(self)
 
 
 @dataclass

@@ -20,11 +20,11 @@ import torch
 
 from ..checkpoint.files import CONFIG_NAME, META_NAME, SCHEDULER_NAME, count_elements
 from ..checkpoint.model_index import ModelIndex, read_model_index
-from ..checkpoint.references import Location, Resolved, read_scheduler_config
+from ..checkpoint.references import Location, read_scheduler_config
 from ..conditioning import TextPrompts
 from ..errors import ConfigError, SettingError
 from ..settings import SamplerSettings
-from . import LoadedModel
+from . import LoadedModel, Resolved
 from .parts import (
     TOKENIZER_FILES, config_part, fetch_weights, load_autoencoder, load_part, load_tokenizer, notes_for_unused,
     tokenize, tokenizer_part,

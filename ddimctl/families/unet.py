@@ -27,12 +27,12 @@ from ..checkpoint.files import (
     read_json, safetensors_metadata, sha256_file, tensor_shapes,
 )
 from ..checkpoint.model_index import ModelIndex, describe_class, read_model_index
-from ..checkpoint.references import Location, Resolved, read_scheduler_config
+from ..checkpoint.references import Location, read_scheduler_config
 from ..checkpoint.weights import is_shard, load_module, refuse_pickles_in, select_weights, weight_patterns
 from ..conditioning import ClassLabels, Conditioner, Unconditioned
 from ..errors import ConfigError, ModelError, SettingError
 from ..settings import SamplerSettings
-from . import LoadedModel
+from . import LoadedModel, Resolved
 
 name = "unet2d"
 _RUNS = "ddimctl runs UNet2DModel pipelines: unet + scheduler, optionally with a vqvae/vae autoencoder"
