@@ -23,7 +23,10 @@ from typing import Literal, Sequence
 import numpy as np
 
 Kind = Literal["vp", "flow"]
-SPACINGS = ("leading", "trailing", "linspace", "quad", "logsnr")
+SPACINGS = ("leading", "trailing", "linspace", "quad", "logsnr", "pipeline")
+#: The spacing a model family defines itself (the time steps of its own diffusers pipeline); :func:`make_plan`
+#: has no schedule-only form of it, the family's ``LoadedModel.plan_for_shape`` makes it.
+FAMILY_SPACING = "pipeline"
 #: How each spacing places its S model calls (S = steps; the (S+1)-th level is always the clean end):
 SPACING_DOCS = {
     "leading": "t = k * (T // S) + offset, k = S-1 .. 0 (diffusers); the last call is at t = offset",
@@ -32,6 +35,8 @@ SPACING_DOCS = {
     "quad": "t = floor((k sqrt(0.8 T) / (S-1))^2) (the DDIM paper); the last call at t = 0",
     "logsnr": "S+1 nodes uniform in log-SNR from the noisiest to the least noisy training time; the model is called "
               "at the first S (fractional times), the last step goes to the clean end instead of the last node",
+    "pipeline": "the sigmas of the model's own diffusers pipeline, for the families that define them (SD3, Flux: "
+                "their default); a family-independent schedule has none",
 }
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
@@ -288,6 +293,9 @@ def make_plan(schedule: Schedule, steps: int, spacing: str = "leading", steps_of
     ``logsnr`` calls the model at the exact fractional times of :func:`logsnr_nodes` (see :data:`SPACING_DOCS`).
     """
     T = schedule.num_train_timesteps
+    if spacing == FAMILY_SPACING:
+        raise ValueError("the pipeline spacing is the time steps of a model family's own pipeline (SD3, Flux); "
+                         "this model has none")
     if spacing == "logsnr":
         if not 1 <= steps <= T:
             raise ValueError(f"steps must be between 1 and the {T} training timesteps, got {steps}")

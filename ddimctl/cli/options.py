@@ -47,9 +47,9 @@ SpacingOpt = Annotated[
     Optional[str],
     typer.Option(
         "--spacing",
-        help="Timestep spacing: leading, trailing, linspace, quad, logsnr. Default: the checkpoint's "
-        "(logsnr for every sampler but ddim and bdia on DDPM models; logsnr on DDPM models when inverting; a latent "
-        "file's own when decoding one).",
+        help="Timestep spacing: leading, trailing, linspace, quad, logsnr, pipeline (SD3 and Flux: the sigmas of "
+        "diffusers' own pipeline, their default). Default: the checkpoint's (logsnr for every sampler but ddim and "
+        "bdia on DDPM models; logsnr when inverting; a latent file's own when decoding one).",
         show_default=False,
     ),
 ]

@@ -177,10 +177,10 @@ class Family(Protocol):
 
 
 def _registry() -> list[Family]:
-    from . import stable_diffusion, unet
+    from . import flow_transformers, stable_diffusion, unet
 
     # unet last: it judges every folder no other family recognises (and refuses what it cannot run)
-    return [stable_diffusion, unet]
+    return [flow_transformers, stable_diffusion, unet]
 
 
 def family(name: str) -> Family:
