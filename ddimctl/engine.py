@@ -262,7 +262,8 @@ class Engine:
         self.conditioner.check(values)
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         cond = self.conditioner.encode(values, n, self.device)
-        uncond = self.conditioner.null(values, n, self.device) if w != 1.0 else None
+        guided = w != 1.0 and self.conditioner.guidance == "classifier-free"  # an embedded guidance needs no null
+        uncond = self.conditioner.null(values, n, self.device) if guided else None
         model = guide(self._call_network, self.conditioner, cond, uncond, w)
         return self.settings.denoiser(model), self.ode_settings.denoiser(model)
 
