@@ -188,7 +188,7 @@ def resolve(loc: Location, variant: str | None) -> Resolved:
     fetch_weights(loc, [transformer, vae, *encoders], variant, denoiser="transformer")
     parts = {p.name: p for p in (vae, *encoders, *tokenizers)}
     notes = notes_for_unused(index, _UNUSED) + [n for p in (transformer, vae, *encoders) for n in p.notes] + list(
-        _settings_of(settings, scheduler_config).notes)
+        _settings_of(settings).notes)
     files = [index.path, *scheduler_files] + [f for p in (transformer, vae, *encoders) for f in p.files]
     where = str(transformer.folder / CONFIG_NAME)
     return Resolved(loc.ref, loc.source, transformer.weights.files[0], transformer.config, scheduler_config, {},
@@ -222,7 +222,7 @@ def pair_autoencoder(r: Resolved, autoencoder: Any, scaling_factor: float | None
                        "vae (pairing another autoencoder applies to UNet2DModel latent pipelines)")
 
 
-def _settings_of(settings: SamplerSettings, scheduler_config: dict[str, Any]) -> SamplerSettings:
+def _settings_of(settings: SamplerSettings) -> SamplerSettings:
     """The scheduler's settings with this family's default spacing (``pipeline``: diffusers' own sigmas) and
     without the generic note that a dynamic shift is not followed (this family follows it)."""
     notes = tuple(n for n in settings.notes if ": use_dynamic_shifting " not in n)
@@ -231,7 +231,7 @@ def _settings_of(settings: SamplerSettings, scheduler_config: dict[str, Any]) ->
 
 def sampler_settings(r: Resolved) -> SamplerSettings:
     """The model's sampler settings (see :func:`_settings_of`)."""
-    return _settings_of(r.settings(), r.scheduler_config)
+    return _settings_of(r.settings())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -448,7 +448,8 @@ def _text_encoder(r: Resolved, spec_: Spec, encoders: dict, tokenizers: dict, dt
             t5_embeds = torch.zeros(len(texts), spec_.max_sequence_length, r.model_config["joint_attention_dim"],
                                     dtype=clip_dtype, device=clip.device)
         clip = torch.nn.functional.pad(clip.to(clip_dtype), (0, t5_embeds.shape[-1] - clip.shape[-1]))
-        tensors = {"encoder_hidden_states": torch.cat([clip, t5_embeds.to(clip_dtype)], dim=-2).to(dtype),  # (P, 77+L, D)
+        hidden_states = torch.cat([clip, t5_embeds.to(clip_dtype)], dim=-2)  # (P, 77 + L, D_t5)
+        tensors = {"encoder_hidden_states": hidden_states.to(dtype),
                    "pooled_projections": torch.cat(pooled, dim=-1).to(dtype)}  # (P, P_l + P_g)
         return tensors, notes
 
@@ -462,8 +463,8 @@ def load(r: Resolved, device: torch.device, dtype: torch.dtype, autoencoder: Any
     vae = load_autoencoder(r.parts["vae"], dtype, device, pipeline, shift=True)
     keys = [k for k in ("text_encoder", "text_encoder_2", "text_encoder_3") if k in r.parts]
     encoders = {k: load_part(r.parts[k], dtype, device, pipeline) for k in keys}
-    tokenizers = {k.replace("text_encoder", "tokenizer"): load_tokenizer(r.parts[k.replace("text_encoder", "tokenizer")],
-                                                                        pipeline) for k in keys}
+    tokenizer_keys = [k.replace("text_encoder", "tokenizer") for k in keys]
+    tokenizers = {k: load_tokenizer(r.parts[k], pipeline) for k in tokenizer_keys}
     encode_texts = _text_encoder(r, s, encoders, tokenizers, dtype)
 
     def offload() -> None:
@@ -479,8 +480,8 @@ def load(r: Resolved, device: torch.device, dtype: torch.dtype, autoencoder: Any
         network = SD3Network(transformer)
     image_shape, sample_shape = shapes(r, s.default_size, s.default_size)
     parameters = sum(p.numel() for p in transformer.parameters())
-    return LoadedModel(name, s.kind, transformer, network, sampler_settings(r), conditioner, r, image_shape, sample_shape,
-                       autoencoder=vae, parameters=parameters, notes=r.all_notes,
+    return LoadedModel(name, s.kind, transformer, network, sampler_settings(r), conditioner, r, image_shape,
+                       sample_shape, autoencoder=vae, parameters=parameters, notes=r.all_notes,
                        resize=lambda h, w: shapes(r, h, w),
                        plan_for_shape=lambda st, steps, shape: plan(r, st, steps, shape))
 
