@@ -263,7 +263,7 @@ def test_diffusers_loads_what_ddimctl_saves(saved, model):
 
 def test_builtin_models(tmp_path, monkeypatch, saved):
     assert DEFAULT_MODEL in BUILTIN_MODELS and set(BUILTIN_MODELS) == {"mnist", "mnist-flow", "mnist-cond"}
-    monkeypatch.setattr(checkpoint, "BUILTIN_ROOT", tmp_path / "models")
+    monkeypatch.setattr(checkpoint.references, "BUILTIN_ROOT", tmp_path / "models")  # where locate() reads it
     msg = one_line_error("mnist", "mnist", "not installed", fn=resolve)
     assert "reinstall" in msg
     (tmp_path / "models").mkdir()
