@@ -24,11 +24,6 @@ NOT_IN_DIFFUSERS = {"GaussianDDPMScheduler"}  # diffusers <= 0.1's name
 NEEDS_TORCHSDE = {"DPMSolverSDEScheduler"}
 
 
-@pytest.fixture(scope="module")
-def diffusers():
-    return pytest.importorskip("diffusers")
-
-
 def _scheduler(diffusers, name: str, **kwargs):
     if name in NOT_IN_DIFFUSERS:
         pytest.skip(f"{name} is not a diffusers class any more")
