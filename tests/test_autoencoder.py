@@ -20,7 +20,7 @@ from ddimctl.nets.autoencoders import (
 )
 from ddimctl.errors import ConfigError
 from ddimctl.nets.unet2d import convert_legacy_attention_keys
-from tinymodels import AE_BLOCKS, max_diff
+from tinymodels import AE_BLOCKS, max_diff, with_legacy_attention_keys
 
 # CompVis/ldm-celebahq-256 vqvae/config.json as on the Hub's main branch (commit 03978f2, "upload new weights").
 # It has no scaling_factor, so diffusers fills in VQModel's default 0.18215 (see test_ldm_pipeline_scaling).
@@ -343,12 +343,7 @@ def test_legacy_attention_keys_load():
     proj_attn; ddimctl.nets.unet2d's converter maps them for the autoencoders too."""
     model = autoencoder_from_config({**VQ_TINY["plain"]})
     state = model.state_dict()
-    renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    legacy = {}
-    for key, value in state.items():
-        for new, old in renames.items():
-            key = key.replace(f".{new}.", f".{old}.")
-        legacy[key] = value
+    legacy = with_legacy_attention_keys(state)
     assert any(".query." in k for k in legacy) and any("decoder.mid_block.attentions.0.proj_attn" in k for k in legacy)
     converted = convert_legacy_attention_keys(legacy)
     assert list(converted) == list(state)

@@ -27,7 +27,7 @@ from ddimctl.settings import SamplerSettings
 from ddimctl.nets.unet2d import UNet2DModel
 
 from hubcache import add_snapshot, offline_cache
-from tinymodels import DDPM_TIME, TINY_UNET_RGB, unet_out
+from tinymodels import DDPM_TIME, TINY_UNET_RGB, unet_out, with_legacy_attention_keys
 
 TINY = {**TINY_UNET_RGB, **DDPM_TIME}
 
@@ -195,12 +195,7 @@ def test_ddpm_cifar10_scheduler_configs(saved, scheduler):
 
 def test_legacy_attention_key_names_load(saved, model):
     weights = saved / "diffusion_pytorch_model.safetensors"
-    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    state = {}
-    for k, v in safetensors.torch.load_file(weights).items():
-        for new, old in legacy.items():
-            k = k.replace(f".{new}.", f".{old}.")
-        state[k] = v
+    state = with_legacy_attention_keys(safetensors.torch.load_file(weights))
     assert any(".query." in k for k in state)
     safetensors.torch.save_file(state, weights, metadata={"format": "pt"})
     assert torch.equal(outputs(families.load(saved).model), outputs(model))

@@ -22,7 +22,7 @@ from ddimctl.families import resolve
 from ddimctl.errors import ConfigError, ModelError
 
 from hubcache import add_snapshot, fake_hub, fetched, folder_files, offline_cache
-from tinymodels import TINY_UNET_RGB, VQ, max_diff, unet_out
+from tinymodels import TINY_UNET_RGB, VQ, max_diff, unet_out, with_legacy_attention_keys
 from tinymodels import randomize as _randomize
 from tinymodels import tiny_kl as _kl
 from tinymodels import tiny_vq as _vq
@@ -681,12 +681,7 @@ def test_autoencoder_with_legacy_attention_key_names_loads(ldm, tmp_path):
     copy = tmp_path / "old"
     shutil.copytree(root, copy)
     weights = copy / "vqvae" / "diffusion_pytorch_model.safetensors"
-    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    state = {}
-    for k, v in safetensors.torch.load_file(weights).items():
-        for new, old in legacy.items():
-            k = k.replace(f".{new}.", f".{old}.")
-        state[k] = v
+    state = with_legacy_attention_keys(safetensors.torch.load_file(weights))
     assert sum(k.endswith(".query.weight") for k in state) == 2  # encoder and decoder mid blocks
     safetensors.torch.save_file(state, weights, metadata={"format": "pt"})
     ckpt = families.load(copy, autoencoder=True)

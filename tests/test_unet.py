@@ -16,7 +16,7 @@ from ddimctl.nets.unet2d import (
     count_parameters,
     normalize_config,
 )
-from tinymodels import DDPM_TIME, UNET_32_64, load_saved_unet, max_diff
+from tinymodels import DDPM_TIME, UNET_32_64, load_saved_unet, max_diff, with_legacy_attention_keys
 
 CIFAR10_CONFIG = {  # google/ddpm-cifar10-32 config.json
     "_class_name": "UNet2DModel",
@@ -300,12 +300,7 @@ def test_keyword_construction_and_metadata_keys_ignored():
 def test_legacy_attention_keys_convert():
     model = _tiny()
     state = model.state_dict()
-    renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    legacy = {}
-    for key, value in state.items():
-        for new, old in renames.items():
-            key = key.replace(f".{new}.", f".{old}.")
-        legacy[key] = value
+    legacy = with_legacy_attention_keys(state)
     assert any(".proj_attn." in k for k in legacy) and any(k.startswith("mid_block.attentions.0.query") for k in legacy)
     converted = convert_legacy_attention_keys(legacy)
     assert set(converted) == set(state)

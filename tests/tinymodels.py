@@ -8,7 +8,8 @@
 - :data:`TRAIN_TINY`: ``ddimctl train`` options that build a :data:`TINY_UNET`-sized network.
 - Builders: :func:`make_tiny_model` saves a random tiny UNet as a checkpoint for CLI tests; :func:`randomize`.
 - Comparisons: :func:`max_diff`, :func:`unet_out` (ours or diffusers' output), :func:`load_saved_unet` (ours from
-  what diffusers' ``save_pretrained`` wrote).
+  what diffusers' ``save_pretrained`` wrote), :func:`with_legacy_attention_keys` (a state dict as diffusers < 0.14
+  named it).
 
 The ``diffusers`` fixture (the module, or a skip where it is not installed) is in conftest.py.
 """
@@ -132,3 +133,15 @@ def load_saved_unet(folder: Path):
     state = load_file(folder / "diffusion_pytorch_model.safetensors")
     ours.load_state_dict(state, strict=True)
     return ours, state
+
+
+def with_legacy_attention_keys(state: dict) -> dict:
+    """``state`` (in its order) with the attention weights named as diffusers before 0.14 named them (query, key,
+    value, proj_attn; the 2022 Hub uploads have these names)."""
+    renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    legacy = {}
+    for key, value in state.items():
+        for new, old in renames.items():
+            key = key.replace(f".{new}.", f".{old}.")
+        legacy[key] = value
+    return legacy
