@@ -136,7 +136,7 @@ class MixtureOracle(_Oracle):
         It integrates in rectified-flow coordinates, where every end is finite: ``z = x / (a + b)``,
         ``s = b / (a + b)`` gives ``z = (1 - s) x0 + s eps`` and ``dz/ds = eps* - x0*``; ``steps`` RK4 steps
         uniform in log-SNR (clipped to |lambda| <= 14, then one step to an infinite end). Its own error is checked
-        against the closed form (one component) and by halving the steps (tests/test_samplers.py).
+        against the closed form (one component) and by halving the steps (tests/test_multistep_samplers.py).
         """
         def lam_of(a, b):
             return math.log(a) - math.log(b) if a > 0 and b > 0 else (math.inf if b == 0 else -math.inf)
