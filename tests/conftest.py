@@ -15,3 +15,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def diffusers():
+    """The diffusers module, for the comparisons with diffusers' own models and schedulers (a dev dependency):
+    a test that takes it is skipped where diffusers is not installed."""
+    return pytest.importorskip("diffusers")
+
+
+@pytest.fixture
+def gaussian():
+    """Gaussian data for the oracle tests (tests/oracles.py): the mean mu (D,) and 32 starting noises x_T (32, D),
+    float64, from seed 0."""
+    from oracles import gaussian_data
+
+    return gaussian_data()

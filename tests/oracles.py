@@ -12,11 +12,41 @@ import math
 
 import torch
 
-from ddimctl.prediction import from_x0_eps
-from ddimctl.schedule import Schedule
+from ddimctl.prediction import Denoiser, from_x0_eps
+from ddimctl.sampler import sample
+from ddimctl.schedule import Schedule, make_plan
 
 
-class GaussianOracle:
+D = 16  # the data dimension of the sampler tests
+
+
+def gaussian_data(dim: int = D, batch: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mean mu (dim,) and starting noises x_T (batch, dim), float64, both N(0, 1) from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(dim, generator=g, dtype=torch.float64)
+    x_T = torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    return mu, x_T
+
+
+class _Oracle:
+    """``model(x_t, t)``: the optimal output of ``prediction_type`` from :meth:`predict`'s (x0*, eps*) at the
+    schedule's level of t; counts calls."""
+
+    schedule: Schedule
+    prediction_type: str
+    calls: int
+
+    def predict(self, x, a, b):
+        raise NotImplementedError
+
+    def __call__(self, x, t):
+        self.calls += 1
+        a, b = levels_at(self.schedule, t)
+        x0, eps = self.predict(x, a, b)
+        return from_x0_eps(x0, eps, a, b, self.prediction_type)
+
+
+class GaussianOracle(_Oracle):
     """``model(x_t, t)`` giving the optimal output of ``prediction_type`` for Gaussian data; counts calls."""
 
     def __init__(self, schedule: Schedule, mu: torch.Tensor, s: torch.Tensor | float, prediction_type="epsilon"):
@@ -28,12 +58,6 @@ class GaussianOracle:
         eps = b * (x - a * self.mu) / var
         x0 = self.mu + a * self.s**2 * (x - a * self.mu) / var
         return x0, eps
-
-    def __call__(self, x, t):
-        self.calls += 1
-        a, b = levels_at(self.schedule, t)
-        x0, eps = self.predict(x, a, b)
-        return from_x0_eps(x0, eps, a, b, self.prediction_type)
 
     def ode_solution(self, x_start, a_from, b_from, a_to, b_to):
         z = (x_start - a_from * self.mu) / torch.sqrt(a_from**2 * self.s**2 + b_from**2)
@@ -55,7 +79,17 @@ def rms(x):
     return float(x.pow(2).mean().sqrt())
 
 
-class MixtureOracle:
+def ode_error(schedule, mu, s, x_T, steps, spacing="leading", sampler="ddim", prediction_type="epsilon"):
+    """(RMS error of a run from x_T against the exact ODE solution, the oracle's model calls) on Gaussian data
+    N(mu, s^2); "leading" spacing with steps_offset 1, other spacings with 0."""
+    oracle = GaussianOracle(schedule, mu, s, prediction_type)
+    plan = make_plan(schedule, steps, spacing, 1 if spacing == "leading" else 0)
+    x0 = sample(Denoiser(oracle, prediction_type), x_T, plan, sampler=sampler)
+    exact = oracle.ode_solution(x_T, plan.a[0], plan.b[0], plan.a[-1], plan.b[-1])
+    return rms(x0 - exact), oracle.calls
+
+
+class MixtureOracle(_Oracle):
     """``model(x_t, t)`` giving the optimal output of ``prediction_type`` for data drawn from the Gaussian mixture
     ``sum_k w_k N(mu_k, s_k^2 I)`` (means (K, D), stds (K,), weights (K,)); counts calls.
 
@@ -96,19 +130,13 @@ class MixtureOracle:
         eps = (r * (b / v)[None, :, None] * diff).sum(1)
         return x0, eps
 
-    def __call__(self, x, t):
-        self.calls += 1
-        a, b = levels_at(self.schedule, t)
-        x0, eps = self.predict(x, a, b)
-        return from_x0_eps(x0, eps, a, b, self.prediction_type)
-
     def ode_solution(self, x_start, a_from, b_from, a_to, b_to, steps: int = 2000):
         """The probability-flow ODE's solution from level (a_from, b_from) to (a_to, b_to), by classical RK4.
 
         It integrates in rectified-flow coordinates, where every end is finite: ``z = x / (a + b)``,
         ``s = b / (a + b)`` gives ``z = (1 - s) x0 + s eps`` and ``dz/ds = eps* - x0*``; ``steps`` RK4 steps
         uniform in log-SNR (clipped to |lambda| <= 14, then one step to an infinite end). Its own error is checked
-        against the closed form (one component) and by halving the steps (tests/test_samplers.py).
+        against the closed form (one component) and by halving the steps (tests/test_multistep_samplers.py).
         """
         def lam_of(a, b):
             return math.log(a) - math.log(b) if a > 0 and b > 0 else (math.inf if b == 0 else -math.inf)

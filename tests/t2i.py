@@ -381,6 +381,19 @@ def sdxl(seed: int = 0, *, output_scale: float = 1.0, scaling_factor: float | No
                                              add_watermarker=False))
 
 
+def _transformer_and_vae(family: str, cls, kw: dict, seed: int, output_scale: float, latent_channels: int,
+                         scaling_factor: float | None):
+    """An SD3 or Flux pipeline's random transformer (``cls(**kw)`` drawn from ``seed``, its output layer scaled by
+    ``output_scale``) and its autoencoder (from ``seed + 2``, no quant convs, the family's shift and scaling
+    factors; ``scaling_factor`` replaces the latter)."""
+    with _seeded(seed):
+        transformer = cls(**kw).eval()
+    _scale_output(transformer, output_scale)
+    vae = autoencoder(seed + 2, latent_channels=latent_channels, quant_conv=False, shift_factor=SHIFT[family],
+                      scaling_factor=SCALING[family] if scaling_factor is None else scaling_factor)
+    return transformer, vae
+
+
 def sd3(with_t5: bool = True, seed: int = 0, *, output_scale: float = 1.0, scaling_factor: float | None = None,
         patch_size: int = 2, latent_channels: int = 4, **transformer_overrides):
     """``StableDiffusion3Pipeline``: ``SD3Transformer2DModel`` (patch_size 2 as the real one, 2 layers, 4 heads of 8,
@@ -397,12 +410,8 @@ def sd3(with_t5: bool = True, seed: int = 0, *, output_scale: float = 1.0, scali
               num_layers=2, attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
               joint_attention_dim=T5_SIZE["d_model"],
               pooled_projection_dim=CLIP_L["projection_dim"] + CLIP_G["projection_dim"], pos_embed_max_size=32)
-    kw.update(transformer_overrides)
-    with _seeded(seed):
-        transformer = SD3Transformer2DModel(**kw).eval()
-    _scale_output(transformer, output_scale)
-    vae = autoencoder(seed + 2, latent_channels=latent_channels, quant_conv=False, shift_factor=SHIFT["sd3"],
-                      scaling_factor=SCALING["sd3"] if scaling_factor is None else scaling_factor)
+    transformer, vae = _transformer_and_vae("sd3", SD3Transformer2DModel, {**kw, **transformer_overrides}, seed,
+                                           output_scale, latent_channels, scaling_factor)
     return _finish(StableDiffusion3Pipeline(
         transformer=transformer, scheduler=_scheduler("flow", SD3_FLOW), vae=vae,
         text_encoder=clip_text_encoder(CLIP_L, seed + 1, projection=True), tokenizer=clip_tokenizer(),
@@ -426,12 +435,8 @@ def flux(dev: bool = True, seed: int = 0, *, output_scale: float = 1.0, scaling_
     kw = dict(patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=16,
               num_attention_heads=2, joint_attention_dim=T5_SIZE["d_model"],
               pooled_projection_dim=CLIP_L["hidden_size"], guidance_embeds=dev, axes_dims_rope=(4, 4, 8))
-    kw.update(transformer_overrides)
-    with _seeded(seed):
-        transformer = FluxTransformer2DModel(**kw).eval()
-    _scale_output(transformer, output_scale)
-    vae = autoencoder(seed + 2, latent_channels=latent_channels, quant_conv=False, shift_factor=SHIFT["flux"],
-                      scaling_factor=SCALING["flux"] if scaling_factor is None else scaling_factor)
+    transformer, vae = _transformer_and_vae("flux", FluxTransformer2DModel, {**kw, **transformer_overrides}, seed,
+                                           output_scale, latent_channels, scaling_factor)
     sched = _scheduler("flow", FLUX_DEV_FLOW if dev else FLUX_SCHNELL_FLOW)
     return _finish(FluxPipeline(scheduler=sched, vae=vae,
                                 text_encoder=clip_text_encoder(CLIP_L, seed + 1, projection=False),

@@ -20,6 +20,7 @@ from ddimctl.nets.autoencoders import (
 )
 from ddimctl.errors import ConfigError
 from ddimctl.nets.unet2d import convert_legacy_attention_keys
+from tinymodels import AE_BLOCKS, max_diff, with_legacy_attention_keys
 
 # CompVis/ldm-celebahq-256 vqvae/config.json as on the Hub's main branch (commit 03978f2, "upload new weights").
 # It has no scaling_factor, so diffusers fills in VQModel's default 0.18215 (see test_ldm_pipeline_scaling).
@@ -55,66 +56,30 @@ SD_VAE_FT_MSE_CONFIG = {
     "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
 }
 
-TINY = {
-    "block_out_channels": [16, 32],
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "norm_num_groups": 8,
-    "layers_per_block": 1,
-    "sample_size": 16,
-}
+TINY = {**AE_BLOCKS, "sample_size": 16}
 
-KL_TINY = {
-    "plain": {"_class_name": "AutoencoderKL", **TINY, "layers_per_block": 2},
-    "shift-sd3-like": {
-        "_class_name": "AutoencoderKL",
-        **TINY,
-        "latent_channels": 6,
-        "scaling_factor": 1.5305,
-        "shift_factor": 0.0609,
-        "use_quant_conv": False,
-        "use_post_quant_conv": False,
-        "force_upcast": False,
-    },
+
+def _tiny(class_name: str, variants: dict[str, dict]) -> dict[str, dict]:
+    """name -> a diffusers config of ``class_name``: :data:`TINY` with the variant's keys."""
+    return {name: {"_class_name": class_name, **TINY, **keys} for name, keys in variants.items()}
+
+
+KL_TINY = _tiny("AutoencoderKL", {
+    "plain": {"layers_per_block": 2},
+    "shift-sd3-like": {"latent_channels": 6, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+                       "use_quant_conv": False, "use_post_quant_conv": False, "force_upcast": False},
     "mean-std-3blocks-gelu-no-mid-attn": {
-        "_class_name": "AutoencoderKL",
-        **TINY,
-        "block_out_channels": [8, 16, 16],
-        "down_block_types": ["DownEncoderBlock2D"] * 3,
-        "up_block_types": ["UpDecoderBlock2D"] * 3,
-        "in_channels": 1,
-        "out_channels": 2,
-        "latent_channels": 4,
-        "act_fn": "gelu",
-        "mid_block_add_attention": False,
-        "scaling_factor": 0.5,
-        "latents_mean": [-1.6574, 1.886, -1.383, 2.5155],
-        "latents_std": [8.4927, 5.9022, 6.5498, 5.2299],
-    },
-}
+        "block_out_channels": [8, 16, 16], "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3, "in_channels": 1, "out_channels": 2, "latent_channels": 4,
+        "act_fn": "gelu", "mid_block_add_attention": False, "scaling_factor": 0.5,
+        "latents_mean": [-1.6574, 1.886, -1.383, 2.5155], "latents_std": [8.4927, 5.9022, 6.5498, 5.2299]},
+})
 
-VQ_TINY = {
-    "plain": {"_class_name": "VQModel", **TINY, "num_vq_embeddings": 64},
-    "embed-dim-5-mish-no-mid-attn": {
-        "_class_name": "VQModel",
-        **TINY,
-        "latent_channels": 4,
-        "vq_embed_dim": 5,
-        "num_vq_embeddings": 96,
-        "act_fn": "mish",
-        "mid_block_add_attention": False,
-        "scaling_factor": 1.0,
-    },
-}
-
-
-@pytest.fixture(scope="module")
-def diffusers():
-    return pytest.importorskip("diffusers")
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
+VQ_TINY = _tiny("VQModel", {
+    "plain": {"num_vq_embeddings": 64},
+    "embed-dim-5-mish-no-mid-attn": {"latent_channels": 4, "vq_embed_dim": 5, "num_vq_embeddings": 96,
+                                     "act_fn": "mish", "mid_block_add_attention": False, "scaling_factor": 1.0},
+})
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -180,8 +145,8 @@ def _check_kl(theirs, ours: AutoencoderKL, x: torch.Tensor, full: bool = True) -
         posterior = theirs.encode(x).latent_dist
         mean, logvar = ours.encode_moments(x)
         assert mean.shape == (1, cfg.latent_channels, *ours.latent_shape(x.shape)[1:])
-        assert _max_diff(mean, posterior.mean) <= 1e-5
-        assert _max_diff(logvar, posterior.logvar) <= 1e-5
+        assert max_diff(mean, posterior.mean) <= 1e-5
+        assert max_diff(logvar, posterior.logvar) <= 1e-5
         assert posterior.mean.std() > 0.1 and posterior.logvar.std() > 0.1  # nothing trivially constant
 
         # encode: the posterior mode, scaled as the pipelines scale it
@@ -194,7 +159,7 @@ def _check_kl(theirs, ours: AutoencoderKL, x: torch.Tensor, full: bool = True) -
             expected_latents = (z - (shift or 0.0)) * sf
         # encode(x) is scale_latents(encode_raw(x)); the full-size configs spare that second encoder pass
         latents = ours.encode(x) if full else ours.scale_latents(mean)
-        assert _max_diff(latents, expected_latents) <= 1e-5
+        assert max_diff(latents, expected_latents) <= 1e-5
 
         # decode: scaled (SDXL: latents * std / sf + mean; Flux/SD: latents / sf + shift) and unscaled
         if cfg.latents_mean is not None:
@@ -205,10 +170,10 @@ def _check_kl(theirs, ours: AutoencoderKL, x: torch.Tensor, full: bool = True) -
         assert expected_images.std() > 0.1
         images = ours.decode(latents)
         assert images.shape == x.shape[:1] + (cfg.out_channels,) + x.shape[2:]
-        assert _max_diff(images, expected_images) <= 1e-5
+        assert max_diff(images, expected_images) <= 1e-5
         if full:
-            assert _max_diff(ours.decode_raw(z), theirs.decode(z).sample) <= 1e-5
-            assert _max_diff(ours(x), theirs(x).sample) <= 1e-5
+            assert max_diff(ours.decode_raw(z), theirs.decode(z).sample) <= 1e-5
+            assert max_diff(ours(x), theirs(x).sample) <= 1e-5
 
 
 def _check_vq(theirs, ours: VQModel, x: torch.Tensor, h: torch.Tensor, full: bool = True) -> None:
@@ -217,7 +182,7 @@ def _check_vq(theirs, ours: VQModel, x: torch.Tensor, h: torch.Tensor, full: boo
     with torch.no_grad():
         latents = ours.encode(x)
         assert latents.shape == (1, *ours.latent_shape(x.shape))
-        assert _max_diff(latents, h * sf) <= 1e-5
+        assert max_diff(latents, h * sf) <= 1e-5
 
         quant, _, (_, _, indices) = theirs.quantize(h)
         our_quant, our_indices = ours.quantize_latents(h)
@@ -225,19 +190,19 @@ def _check_vq(theirs, ours: VQModel, x: torch.Tensor, h: torch.Tensor, full: boo
         assert our_indices.shape == (h.shape[0], *h.shape[2:])
         assert torch.equal(our_quant, quant)  # same arithmetic, bit for bit (the straight-through z + (e - z))
         assert indices.unique().numel() >= 4  # many codebook entries in play, not one
-        assert _max_diff(quant, h) > 1e-3  # quantising changes h: the checks below can tell the two apart
+        assert max_diff(quant, h) > 1e-3  # quantising changes h: the checks below can tell the two apart
 
         expected = theirs.decode(latents / sf).sample  # LDMPipeline: vqvae.decode(latents / scaling_factor)
         assert expected.std() > 0.1
-        assert _max_diff(ours.decode(latents), expected) <= 1e-5
+        assert max_diff(ours.decode(latents), expected) <= 1e-5
         if full:
-            assert _max_diff(ours.encode_raw(x), h) <= 1e-5
-            assert _max_diff(ours.decode_raw(h), theirs.decode(h).sample) <= 1e-5
+            assert max_diff(ours.encode_raw(x), h) <= 1e-5
+            assert max_diff(ours.decode_raw(h), theirs.decode(h).sample) <= 1e-5
             not_quantized = theirs.decode(h, force_not_quantize=True).sample
-            assert _max_diff(ours.decode_raw(h, force_not_quantize=True), not_quantized) <= 1e-5
-            assert _max_diff(ours.decode(latents, force_not_quantize=True), not_quantized) <= 1e-5
-            assert _max_diff(expected, not_quantized) > 1e-3
-            assert _max_diff(ours(x), theirs(x).sample) <= 1e-5
+            assert max_diff(ours.decode_raw(h, force_not_quantize=True), not_quantized) <= 1e-5
+            assert max_diff(ours.decode(latents, force_not_quantize=True), not_quantized) <= 1e-5
+            assert max_diff(expected, not_quantized) > 1e-3
+            assert max_diff(ours(x), theirs(x).sample) <= 1e-5
 
 
 @pytest.mark.parametrize("name", list(KL_TINY))
@@ -280,7 +245,7 @@ def test_clamped_logvar_matches_diffusers(diffusers, tmp_path):
         posterior = theirs.encode(x).latent_dist
         _, logvar = ours.encode_moments(x)
     assert logvar[:, 0].eq(20.0).all() and logvar[:, 1].eq(-30.0).all()
-    assert _max_diff(logvar, posterior.logvar) <= 1e-5
+    assert max_diff(logvar, posterior.logvar) <= 1e-5
 
 
 def test_lookup_from_codebook_decodes_indices_like_diffusers(diffusers, tmp_path):
@@ -290,8 +255,8 @@ def test_lookup_from_codebook_decodes_indices_like_diffusers(diffusers, tmp_path
         _, indices = ours.quantize_latents(h)
         b, hh, ww = indices.shape
         expected = theirs.decode(indices.reshape(-1), force_not_quantize=True, shape=(b, hh, ww, 5)).sample
-        assert _max_diff(ours.decode_indices(indices), expected) <= 1e-5
-        assert _max_diff(ours.decode_indices(indices), ours.decode_raw(h)) <= 1e-5  # the quantised decoding
+        assert max_diff(ours.decode_indices(indices), expected) <= 1e-5
+        assert max_diff(ours.decode_indices(indices), ours.decode_raw(h)) <= 1e-5  # the quantised decoding
         with pytest.raises(ValueError, match="decode_indices"):
             ours.decode_raw(h, force_not_quantize=True)
         with pytest.raises(ValueError, match="integer"):
@@ -337,7 +302,7 @@ def test_ldm_pipeline_scaling(diffusers, tmp_path):
         image = pipe(batch_size=1, num_inference_steps=2, output_type="np", generator=torch.manual_seed(7)).images
         assert torch.equal(seen["h"], seen["latents"] / 0.25)
         ours_image = ((ours.decode(seen["latents"]) / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1)
-    assert _max_diff(ours_image, torch.from_numpy(image)) <= 1e-5
+    assert max_diff(ours_image, torch.from_numpy(image)) <= 1e-5
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -378,12 +343,7 @@ def test_legacy_attention_keys_load():
     proj_attn; ddimctl.nets.unet2d's converter maps them for the autoencoders too."""
     model = autoencoder_from_config({**VQ_TINY["plain"]})
     state = model.state_dict()
-    renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    legacy = {}
-    for key, value in state.items():
-        for new, old in renames.items():
-            key = key.replace(f".{new}.", f".{old}.")
-        legacy[key] = value
+    legacy = with_legacy_attention_keys(state)
     assert any(".query." in k for k in legacy) and any("decoder.mid_block.attentions.0.proj_attn" in k for k in legacy)
     converted = convert_legacy_attention_keys(legacy)
     assert list(converted) == list(state)

@@ -27,20 +27,9 @@ from ddimctl.settings import SamplerSettings
 from ddimctl.nets.unet2d import UNet2DModel
 
 from hubcache import add_snapshot, offline_cache
+from tinymodels import DDPM_TIME, TINY_UNET_RGB, unet_out, with_legacy_attention_keys
 
-TINY = {
-    "sample_size": 8,
-    "in_channels": 3,
-    "out_channels": 3,
-    "block_out_channels": [16, 32],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 8,
-    "attention_head_dim": 8,
-    "freq_shift": 1,
-    "flip_sin_to_cos": False,
-}
+TINY = {**TINY_UNET_RGB, **DDPM_TIME}
 
 # google/ddpm-cifar10-32's scheduler_config.json as it has existed: legacy keys, then DDPMScheduler.
 CIFAR10_LEGACY_SCHEDULER = {
@@ -74,9 +63,7 @@ def saved(tmp_path, model) -> Path:
 def outputs(m: torch.nn.Module, size: int = 8, channels: int = 3) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, channels, size, size, generator=g)
-    with torch.no_grad():
-        out = m(x, torch.tensor([3, 700]))
-    return out.sample if hasattr(out, "sample") else out
+    return unet_out(m, x, torch.tensor([3, 700]))
 
 
 def one_line_error(ref, *needles, cls=ModelError, fn=None) -> str:
@@ -208,12 +195,7 @@ def test_ddpm_cifar10_scheduler_configs(saved, scheduler):
 
 def test_legacy_attention_key_names_load(saved, model):
     weights = saved / "diffusion_pytorch_model.safetensors"
-    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    state = {}
-    for k, v in safetensors.torch.load_file(weights).items():
-        for new, old in legacy.items():
-            k = k.replace(f".{new}.", f".{old}.")
-        state[k] = v
+    state = with_legacy_attention_keys(safetensors.torch.load_file(weights))
     assert any(".query." in k for k in state)
     safetensors.torch.save_file(state, weights, metadata={"format": "pt"})
     assert torch.equal(outputs(families.load(saved).model), outputs(model))
@@ -236,8 +218,7 @@ def test_describe_summarizes_without_loading(saved, model):
 # diffusers interop (dev-only dependency)
 
 
-def test_diffusers_save_pretrained_output_loads(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
+def test_diffusers_save_pretrained_output_loads(diffusers, tmp_path):
     torch.manual_seed(0)
     cfg = {k: v for k, v in TINY.items()}
     ref = diffusers.UNet2DModel(**cfg).eval()
@@ -248,8 +229,7 @@ def test_diffusers_save_pretrained_output_loads(tmp_path):
     torch.testing.assert_close(outputs(ckpt.model), outputs(ref), atol=1e-5, rtol=1e-5)
 
 
-def test_diffusers_loads_what_ddimctl_saves(saved, model):
-    diffusers = pytest.importorskip("diffusers")
+def test_diffusers_loads_what_ddimctl_saves(diffusers, saved, model):
     theirs = diffusers.UNet2DModel.from_pretrained(saved).eval()
     torch.testing.assert_close(outputs(theirs), outputs(model), atol=1e-5, rtol=1e-5)
     scheduler = diffusers.DDIMScheduler.from_pretrained(saved)

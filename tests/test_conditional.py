@@ -18,14 +18,11 @@ from ddimctl.engine import Engine, SamplingOptions
 from ddimctl.prediction import Denoiser
 from ddimctl.settings import SamplerSettings
 from ddimctl.nets.unet2d import UNet2DModel
+from tinymodels import TINY_UNET, TRAIN_TINY
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 ENV.pop("DDIMCTL_DEBUG", None)
-TINY = {
-    "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16], "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 4, "attention_head_dim": 8, "num_class_embeds": 4,
-}
+TINY = {**TINY_UNET, "num_class_embeds": 4}
 
 
 def tiny_conditional(seed: int = 0) -> UNet2DModel:
@@ -118,9 +115,8 @@ def test_guidance_on_a_checkpoint_that_clips_gets_a_note(cond_dir, tmp_path):
     assert GUIDED_CLIP_NOTE not in unclipped.stderr + unguided.stderr
 
 
-def test_class_conditional_sampling_equals_diffusers(cond_dir):
+def test_class_conditional_sampling_equals_diffusers(diffusers, cond_dir):
     """diffusers' UNet2DModel with class labels under its DDIMScheduler, stepped by hand, from the same x_T."""
-    diffusers = pytest.importorskip("diffusers")
     unet = diffusers.UNet2DModel.from_pretrained(cond_dir).eval()
     scheduler = diffusers.DDIMScheduler.from_pretrained(cond_dir)
     scheduler.set_timesteps(6)
@@ -156,8 +152,7 @@ def test_class_conditional_training_records_the_null_class_and_starts_from_an_un
 
     from ddimctl.cli import app
 
-    tiny = ["--image-size", "8", "--base-channels", "8", "--channel-mult", "1,2", "--attention-resolutions", "4",
-            "--norm-groups", "4", "--batch-size", "8", "--threads", "1", "--quiet"]
+    tiny = [*TRAIN_TINY, "--attention-resolutions", "4"]
     r = CliRunner().invoke(app, ["train", "digits", "--out", str(tmp_path / "u"), "--train-steps", "4", *tiny])
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(app, ["train", "digits", "--out", str(tmp_path / "c"), "--train-steps", "1", "--lr", "0",

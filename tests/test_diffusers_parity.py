@@ -24,26 +24,15 @@ import torch
 
 from ddimctl import checkpoint, families
 from ddimctl.sampler import sample
+from tinymodels import TINY_UNET_RGB
 
-diffusers = pytest.importorskip("diffusers")
-
-UNET = dict(
-    sample_size=16,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=8,
-    attention_head_dim=8,
-)
+UNET = {**TINY_UNET_RGB, "sample_size": 16, "block_out_channels": [32, 64]}
 BATCH = 2
 OUTPUT_SCALE = 0.05
 
 
 @pytest.fixture(scope="module")
-def unet_dir(tmp_path_factory):
+def unet_dir(diffusers, tmp_path_factory):
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(**UNET).eval()
     with torch.no_grad():
@@ -57,7 +46,7 @@ def unet_dir(tmp_path_factory):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("clip_sample", [True, False], ids=["clip", "noclip"])
 @pytest.mark.parametrize("spacing, steps_offset, steps", [("leading", 1, 20), ("trailing", 0, 10)])
-def test_ddimctl_matches_diffusers_ddim_pipeline(tmp_path, unet_dir, prediction_type, clip_sample, spacing,
+def test_ddimctl_matches_diffusers_ddim_pipeline(diffusers, tmp_path, unet_dir, prediction_type, clip_sample, spacing,
                                                  steps_offset, steps):
     from diffusers.utils.torch_utils import randn_tensor
 

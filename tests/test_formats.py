@@ -22,28 +22,13 @@ from ddimctl.families import Resolved, resolve
 from ddimctl.errors import ConfigError, ModelError
 
 from hubcache import add_snapshot, fake_hub, fetched, folder_files, offline_cache
-from tinymodels import VQ
+from tinymodels import TINY_UNET_RGB, VQ, max_diff, unet_out, with_legacy_attention_keys
 from tinymodels import randomize as _randomize
 from tinymodels import tiny_kl as _kl
 from tinymodels import tiny_vq as _vq
 
-UNET = {
-    "sample_size": 4,
-    "in_channels": 3,
-    "out_channels": 3,
-    "block_out_channels": [16, 32],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 8,
-    "attention_head_dim": 8,
-}
+UNET = {**TINY_UNET_RGB, "sample_size": 4}  # its samples: 3x4x4 latents
 RUNS = "ddimctl runs UNet2DModel pipelines: unet + scheduler, optionally with a vqvae/vae autoencoder"
-
-
-@pytest.fixture(scope="module")
-def diffusers():
-    return pytest.importorskip("diffusers")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -61,17 +46,8 @@ def _one_line(fn, cls=ModelError) -> str:
     return msg
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
-
-
-def _unet_out(model, x, t=torch.tensor([10, 600]), **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(x, t, **kwargs)
-    return out.sample if hasattr(out, "sample") else out
-
-
 X = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+T = torch.tensor([10, 600])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,13 +83,13 @@ def test_latent_pipeline_loads_unet_and_autoencoder_like_diffusers(ldm):
     assert ckpt.image_shape == (3, 8, 8)
     assert ckpt.resolved.autoencoder.weights.files == (root / "vqvae" / "diffusion_pytorch_model.safetensors",)
     assert ckpt.settings.clip_sample is False and ckpt.settings.beta_schedule == "scaled_linear"
-    assert _max_diff(_unet_out(ckpt.model, X), _unet_out(pipe.unet, X)) <= 1e-5
+    assert max_diff(unet_out(ckpt.model, X, T), unet_out(pipe.unet, X, T)) <= 1e-5
     # decode: what LDMPipeline hands the image processor, vqvae.decode(latents / scaling_factor) (quantised)
     latents = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         theirs = pipe.vqvae.decode(latents / pipe.vqvae.config.scaling_factor).sample
         ours = ckpt.autoencoder.decode(latents)
-    assert ours.shape == (2, 3, 8, 8) and _max_diff(ours, theirs) <= 1e-5
+    assert ours.shape == (2, 3, 8, 8) and max_diff(ours, theirs) <= 1e-5
     # a re-saved VQModel config says diffusers' default 0.18215: kept, with a note
     assert ckpt.autoencoder.config["scaling_factor"] == 0.18215
     assert ckpt.notes == [
@@ -139,7 +115,7 @@ def test_a_pipelines_unet_folder_or_file_is_read_with_its_pipeline(ldm):
         ckpt = families.load(part, autoencoder=True)
         assert ckpt.image_shape == (3, 8, 8) and ckpt.settings.beta_schedule == "scaled_linear"
         assert ckpt.notes[0] == f"{part}: read as part of the pipeline {root} (its scheduler and components)"
-        assert _max_diff(_unet_out(ckpt.model, X), _unet_out(pipe.unet, X)) <= 1e-5
+        assert max_diff(unet_out(ckpt.model, X, T), unet_out(pipe.unet, X, T)) <= 1e-5
 
 
 def test_describe_reports_pipeline_components_and_autoencoder(ldm):
@@ -245,8 +221,8 @@ def test_vq_config_without_scaling_factor_decodes_at_scale_one(ldm, ldm_without_
         ours = ckpt.autoencoder.decode(latents)
         at_one = pipe.vqvae.decode(latents).sample  # the latents as LDM's own decode_first_stage takes them
         diffusers_ldm = pipe.vqvae.decode(latents / 0.18215).sample  # diffusers' LDMPipeline on this config
-    assert _max_diff(ours, at_one) <= 1e-5
-    assert _max_diff(ours, diffusers_ldm) > 1e-2  # a thousand times the tolerance above
+    assert max_diff(ours, at_one) <= 1e-5
+    assert max_diff(ours, diffusers_ldm) > 1e-2  # a thousand times the tolerance above
     assert resolve(root).describe()["autoencoder"]["scaling_factor"] == 1.0
 
 
@@ -308,7 +284,7 @@ def test_pair_with_an_autoencoder_folder(latent_unet):
     latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         expected = vae.decode(latents / vae.config.scaling_factor).sample
-        assert _max_diff(ckpt.autoencoder.decode(latents), expected) <= 1e-5
+        assert max_diff(ckpt.autoencoder.decode(latents), expected) <= 1e-5
     assert resolve(root / "unet4", autoencoder=root / "kl").describe()["autoencoder"]["class"] == "AutoencoderKL"
 
 
@@ -361,7 +337,7 @@ def test_pair_with_a_hub_autoencoder(latent_unet, tmp_path, monkeypatch):
     assert (ae.source, ae.repo_id, ae.revision) == ("hub", "owner/vae", rev)
     latents = torch.randn(1, 4, 4, 4)
     with torch.no_grad():
-        assert _max_diff(ckpt.autoencoder.decode(latents), vae.decode(latents / 0.18215).sample) <= 1e-5
+        assert max_diff(ckpt.autoencoder.decode(latents), vae.decode(latents / 0.18215).sample) <= 1e-5
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -480,9 +456,9 @@ def test_learned_variance_unet_loads_and_uses_the_prediction_half(diffusers, tmp
         tmp_path / "iddpm")
     ckpt = families.load(tmp_path / "iddpm")
     assert ckpt.image_shape == (3, 4, 4)
-    full = _unet_out(ckpt.model, X)
-    assert full.shape == (2, 6, 4, 4) and _max_diff(full, _unet_out(ref, X)) <= 1e-5
-    pred = _unet_out(ckpt.network, X)
+    full = unet_out(ckpt.model, X, T)
+    assert full.shape == (2, 6, 4, 4) and max_diff(full, unet_out(ref, X, T)) <= 1e-5
+    pred = unet_out(ckpt.network, X, T)
     assert pred.shape == X.shape and torch.equal(pred, full[:, :3])
     assert ckpt.notes == [  # the UNet's note; the scheduler's variance_type note says the same, so it is dropped
         f"{tmp_path}/iddpm/config.json: out_channels 6 = 2 x in_channels (learned variance): ddimctl uses the first "
@@ -499,7 +475,7 @@ def test_class_conditional_unet_records_its_classes(diffusers, tmp_path):
     ckpt = families.load(tmp_path / "cls")
     assert ckpt.conditioner.kind == "class" and ckpt.conditioner.num_classes == 10 and ckpt.conditioner.null_label is None
     labels = torch.tensor([3, 7])
-    assert _max_diff(_unet_out(ckpt.model, X, class_labels=labels), _unet_out(ref, X, class_labels=labels)) <= 1e-5
+    assert max_diff(unet_out(ckpt.model, X, T, class_labels=labels), unet_out(ref, X, T, class_labels=labels)) <= 1e-5
     assert ckpt.notes == [f"{tmp_path}/cls/config.json: class-conditional (class ids 0..9): samples are "
                           "conditioned on a class label"]
     assert resolve(tmp_path / "cls").describe()["num_class_embeds"] == 10
@@ -536,7 +512,7 @@ def test_sharded_checkpoint_loads(saves):
     ckpt = families.load(d)
     assert ckpt.resolved.weight_files == shards
     assert ckpt.resolved.weights_index == d / "diffusion_pytorch_model.safetensors.index.json"
-    assert _max_diff(_unet_out(ckpt.model, X), _unet_out(ref, X)) <= 1e-5
+    assert max_diff(unet_out(ckpt.model, X, T), unet_out(ref, X, T)) <= 1e-5
     assert ckpt.network is ckpt.model
     doc = resolve(d).describe()
     assert doc["weights"] == str(d / "diffusion_pytorch_model.safetensors.index.json") and doc["weights_sha256"] is None
@@ -553,7 +529,7 @@ def test_variant_only_folder_says_so_and_loads_when_asked(saves):
     ckpt = families.load(d, variant="fp16")
     assert ckpt.resolved.weights == d / "diffusion_pytorch_model.fp16.safetensors"
     assert ckpt.resolved.variant == "fp16" and {p.dtype for p in ckpt.model.parameters()} == {torch.float32}
-    assert _max_diff(_unet_out(ckpt.model, X), _unet_out(ref, X)) < 0.05
+    assert max_diff(unet_out(ckpt.model, X, T), unet_out(ref, X, T)) < 0.05
     assert resolve(d, variant="fp16").describe()["variant"] == "fp16"
 
 
@@ -564,7 +540,7 @@ def test_sharded_variant(saves):
     r = resolve(d, variant="fp16")
     assert r.weights_index == d / "diffusion_pytorch_model.safetensors.index.fp16.json" and len(r.weight_files) > 2
     assert all(p.name.startswith("diffusion_pytorch_model.fp16-") for p in r.weight_files)
-    assert _max_diff(_unet_out(families.load(r).model, X), _unet_out(ref, X)) < 0.05
+    assert max_diff(unet_out(families.load(r).model, X, T), unet_out(ref, X, T)) < 0.05
 
 
 def test_default_and_variant_side_by_side(saves):
@@ -630,7 +606,7 @@ def test_sharded_and_variant_weights_from_the_offline_hub_cache(saves, tmp_path,
     rev = add_snapshot(cache, "owner/sharded", folder_files(root / "sharded"))
     r = resolve("owner/sharded")
     assert r.revision == rev and r.weights_index.name == "diffusion_pytorch_model.safetensors.index.json"
-    assert _max_diff(_unet_out(families.load(r).model, X), _unet_out(ref, X)) <= 1e-5
+    assert max_diff(unet_out(families.load(r).model, X, T), unet_out(ref, X, T)) <= 1e-5
     files = {f"unet/{k}": v for k, v in folder_files(root / "fp16-sharded").items()}
     files["model_index.json"] = json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
                                             "scheduler": ["diffusers", "DDPMScheduler"]}).encode()
@@ -638,7 +614,7 @@ def test_sharded_and_variant_weights_from_the_offline_hub_cache(saves, tmp_path,
     assert "only the 'fp16' variant" in _one_line(lambda: resolve("owner/fp16"))
     r16 = resolve("owner/fp16", variant="fp16")
     assert r16.variant == "fp16" and len(r16.weight_files) > 2
-    assert _max_diff(_unet_out(families.load(r16).model, X), _unet_out(ref, X)) < 0.05
+    assert max_diff(unet_out(families.load(r16).model, X, T), unet_out(ref, X, T)) < 0.05
     add_snapshot(cache, "owner/single16", folder_files(root / "fp16"))
     assert "only the 'fp16' variant" in _one_line(lambda: resolve("owner/single16"))  # seen in the cached snapshot
     assert resolve("owner/single16", variant="fp16").weights.name == "diffusion_pytorch_model.fp16.safetensors"
@@ -664,7 +640,7 @@ def test_hub_fetches_only_the_weights_asked_for(saves, tmp_path, monkeypatch):
     # the default weights, asked for after: the default shards come, still none of a third kind
     r32 = resolve("owner/both")
     assert all(p.exists() for p in r32.weight_files)
-    assert _max_diff(_unet_out(families.load(r32).model, X), _unet_out(ref, X)) <= 1e-5
+    assert max_diff(unet_out(families.load(r32).model, X, T), unet_out(ref, X, T)) <= 1e-5
 
 
 def test_hub_variant_only_repo_says_so_without_downloading_it(saves, tmp_path, monkeypatch):
@@ -686,7 +662,7 @@ def test_hub_latent_pipeline_fetches_unet_and_autoencoder(ldm, tmp_path, monkeyp
         "unet/diffusion_pytorch_model.safetensors", "vqvae/diffusion_pytorch_model.safetensors"]
     latents = torch.randn(1, 3, 4, 4)
     with torch.no_grad():
-        assert _max_diff(ckpt.autoencoder.decode(latents), pipe.vqvae.decode(latents / 0.18215).sample) <= 1e-5
+        assert max_diff(ckpt.autoencoder.decode(latents), pipe.vqvae.decode(latents / 0.18215).sample) <= 1e-5
     assert len(calls["CompVis/ldm-like"]) == 2
 
 
@@ -705,15 +681,10 @@ def test_autoencoder_with_legacy_attention_key_names_loads(ldm, tmp_path):
     copy = tmp_path / "old"
     shutil.copytree(root, copy)
     weights = copy / "vqvae" / "diffusion_pytorch_model.safetensors"
-    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    state = {}
-    for k, v in safetensors.torch.load_file(weights).items():
-        for new, old in legacy.items():
-            k = k.replace(f".{new}.", f".{old}.")
-        state[k] = v
+    state = with_legacy_attention_keys(safetensors.torch.load_file(weights))
     assert sum(k.endswith(".query.weight") for k in state) == 2  # encoder and decoder mid blocks
     safetensors.torch.save_file(state, weights, metadata={"format": "pt"})
     ckpt = families.load(copy, autoencoder=True)
     latents = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(10))
     with torch.no_grad():
-        assert _max_diff(ckpt.autoencoder.decode(latents), pipe.vqvae.decode(latents / 0.18215).sample) <= 1e-5
+        assert max_diff(ckpt.autoencoder.decode(latents), pipe.vqvae.decode(latents / 0.18215).sample) <= 1e-5

@@ -22,7 +22,6 @@ from ddimctl.fsutil import (
 )
 
 
-
 def listing(d) -> list[str]:
     return sorted(os.listdir(d))
 
@@ -38,6 +37,34 @@ def one_line(e: pytest.ExceptionInfo) -> str:
     msg = str(e.value)
     assert "\n" not in msg
     return msg
+
+
+def write_error(p, data: bytes = b"data") -> str:
+    """The one-line OutputError of ``write_bytes_atomic(p, data)``."""
+    with pytest.raises(OutputError) as e:
+        write_bytes_atomic(p, data)
+    return one_line(e)
+
+
+def failing_os(monkeypatch, name: str, error: type[OSError], code: int, message: str) -> None:
+    """fsutil's ``os.<name>`` raises ``error(code, message)``."""
+
+    def fail(*args):
+        raise error(code, message)
+
+    monkeypatch.setattr(fsutil.os, name, fail)
+
+
+def read_only_file_system(monkeypatch) -> None:
+    """fsutil's ``os.open`` refuses to create a file (EROFS) and opens existing ones."""
+    real_open = os.open
+
+    def ro_open(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(fsutil.os, "open", ro_open)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -100,13 +127,8 @@ def test_disk_full_on_os_write_is_an_output_error(tmp_path, monkeypatch):
     p.parent.mkdir()
     p.write_bytes(b"previous")
 
-    def full(fd, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(fsutil.os, "write", full)
-    with pytest.raises(OutputError) as e:
-        write_bytes_atomic(p, b"x" * 100_000)
-    assert one_line(e) == f"{p}: no space left on device"
+    failing_os(monkeypatch, "write", OSError, errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert write_error(p, b"x" * 100_000) == f"{p}: no space left on device"
     assert p.read_bytes() == b"previous"
     assert listing(p.parent) == ["000001.png"]
 
@@ -121,48 +143,27 @@ def test_disk_full_in_write_fn_and_on_fsync(tmp_path, monkeypatch):
         atomic_write(p, write_fn)
     assert one_line(e) == f"{p}: no space left on device"
 
-    def fsync(fd):
-        raise OSError(errno.EDQUOT, "Disk quota exceeded")
-
-    monkeypatch.setattr(fsutil.os, "fsync", fsync)
-    with pytest.raises(OutputError) as e:
-        write_bytes_atomic(p, b"data")
-    assert one_line(e) == f"{p}: disk quota exceeded"
+    failing_os(monkeypatch, "fsync", OSError, errno.EDQUOT, "Disk quota exceeded")
+    assert write_error(p) == f"{p}: disk quota exceeded"
     assert listing(tmp_path) == []
 
 
 def test_failed_rename_removes_temp(tmp_path, monkeypatch):
     p = tmp_path / "a.png"
 
-    def replace(src, dst):
-        raise PermissionError(errno.EACCES, "Permission denied")
-
-    monkeypatch.setattr(fsutil.os, "replace", replace)
-    with pytest.raises(OutputError) as e:
-        write_bytes_atomic(p, b"data")
-    assert one_line(e) == f"{p}: permission denied"
+    failing_os(monkeypatch, "replace", PermissionError, errno.EACCES, "Permission denied")
+    assert write_error(p) == f"{p}: permission denied"
     assert listing(tmp_path) == []
 
 
 def test_read_only_file_system_when_creating_temp(tmp_path, monkeypatch):
-    real_open = os.open
-
-    def ro_open(path, flags, *args):
-        if flags & os.O_CREAT:
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(fsutil.os, "open", ro_open)
-    with pytest.raises(OutputError) as e:
-        write_bytes_atomic(tmp_path / "a.png", b"data")
-    assert one_line(e) == f"{tmp_path / 'a.png'}: read-only file system"
+    read_only_file_system(monkeypatch)
+    assert write_error(tmp_path / "a.png") == f"{tmp_path / 'a.png'}: read-only file system"
 
 
 def test_missing_parent_and_parent_that_is_a_file(tmp_path):
     missing = tmp_path / "nope" / "a.png"
-    with pytest.raises(OutputError) as e:
-        write_bytes_atomic(missing, b"x")
-    assert one_line(e) == f"{missing}: parent directory does not exist"
+    assert write_error(missing, b"x") == f"{missing}: parent directory does not exist"
 
     (tmp_path / "file").write_bytes(b"")
     under_file = tmp_path / "file" / "a.png"
@@ -188,9 +189,7 @@ def test_permission_denied_for_real(tmp_path):
     d.chmod(0o555)
     skip_unless_permissions_enforced(d)
     try:
-        with pytest.raises(OutputError) as e:
-            write_bytes_atomic(d / "a.png", b"x")
-        assert one_line(e) == f"{d / 'a.png'}: permission denied"
+        assert write_error(d / "a.png", b"x") == f"{d / 'a.png'}: permission denied"
         with pytest.raises(OutputError) as e:
             check_writable_dir(d)
         assert one_line(e) == f"{d}: not writable (permission denied)"
@@ -228,24 +227,14 @@ def test_check_writable_dir_under_a_file(tmp_path):
 
 
 def test_check_writable_dir_read_only(tmp_path, monkeypatch):
-    real_open = os.open
-
-    def ro_open(path, flags, *args):
-        if flags & os.O_CREAT:
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(fsutil.os, "open", ro_open)
+    read_only_file_system(monkeypatch)
     with pytest.raises(OutputError) as e:
         check_writable_dir(tmp_path)
     assert one_line(e) == f"{tmp_path}: not writable (read-only file system)"
 
 
 def test_check_writable_dir_permission_denied_simulated(tmp_path, monkeypatch):
-    def denied(path, flags, *args):
-        raise PermissionError(errno.EACCES, "Permission denied")
-
-    monkeypatch.setattr(fsutil.os, "open", denied)
+    failing_os(monkeypatch, "open", PermissionError, errno.EACCES, "Permission denied")
     with pytest.raises(OutputError) as e:
         check_writable_dir(tmp_path)
     assert one_line(e) == f"{tmp_path}: not writable (permission denied)"
@@ -310,7 +299,7 @@ def test_save_safetensors_atomic_rejects_non_string_metadata(tmp_path):
 
 
 def test_save_safetensors_atomic_disk_full(tmp_path, monkeypatch):
-    monkeypatch.setattr(fsutil.os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    failing_os(monkeypatch, "write", OSError, errno.ENOSPC, "full")
     p = tmp_path / "a.safetensors"
     with pytest.raises(OutputError) as e:
         save_safetensors_atomic(p, {"t": torch.zeros(10)})

@@ -20,18 +20,12 @@ from ddimctl.sampler import sample
 from ddimctl.schedule import make_plan, vp_schedule
 from ddimctl.settings import SamplerSettings
 from ddimctl.nets.unet2d import UNet2DModel
-
-TINY = {
-    "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16], "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 4, "attention_head_dim": 8,
-}
-
+from tinymodels import TINY_UNET
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
     torch.manual_seed(0)
-    unet = UNet2DModel.from_config(TINY).eval()
+    unet = UNet2DModel.from_config(TINY_UNET).eval()
     return Engine(in_memory(unet, SamplerSettings.from_config({"clip_sample": True})), SamplingOptions(steps=4))
 
 

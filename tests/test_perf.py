@@ -14,12 +14,9 @@ from ddimctl.settings import SamplerSettings
 from ddimctl.nets.unet2d import UNet2DModel
 
 from hostreads import cuda_sync_check, record_host_reads
+from tinymodels import TINY_UNET, max_diff
 
-TINY_RGB = {
-    "sample_size": 8, "in_channels": 3, "out_channels": 3, "block_out_channels": [8, 16],
-    "layers_per_block": 1, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "attention_head_dim": 8,
-}
+TINY_RGB = {**TINY_UNET, "in_channels": 3, "out_channels": 3}
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +33,6 @@ def x() -> torch.Tensor:
 T = torch.tensor([10.0, 900.0])
 
 
-def _max_diff(a, b) -> float:
-    return float((a.float() - b.float()).abs().max())
-
-
 def test_channels_last_gives_the_same_output(unet, x):
     with torch.inference_mode():
         ref = unet(x, T)
@@ -48,7 +41,7 @@ def test_channels_last_gives_the_same_output(unet, x):
         assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         assert not model.conv_in.weight.is_contiguous()  # really converted (3 input channels, 3x3 kernel)
         out = model(x.contiguous(memory_format=torch.channels_last), T)
-    assert _max_diff(out, ref) <= 1e-5
+    assert max_diff(out, ref) <= 1e-5
     unet.to(memory_format=torch.contiguous_format)
 
 
@@ -60,8 +53,8 @@ def test_bfloat16_forward_runs_on_cpu_and_stays_close(unet, x):
         bf = bf.to(torch.bfloat16).eval()
         out = bf(x.to(torch.bfloat16), T)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    assert _max_diff(out, ref) <= 0.05 * float(ref.abs().max())
-    assert _max_diff(out, ref) > 0  # it really ran in bfloat16
+    assert max_diff(out, ref) <= 0.05 * float(ref.abs().max())
+    assert max_diff(out, ref) > 0  # it really ran in bfloat16
 
 
 def test_bfloat16_model_under_the_engine_keeps_a_float32_state(unet):

@@ -1,4 +1,5 @@
-"""Schedules and timestep spacing, checked against closed forms and against diffusers' DDIMScheduler."""
+"""Schedules, timestep spacing and plans (levels and model times), checked against closed forms and against
+diffusers' DDIMScheduler."""
 
 import math
 
@@ -9,6 +10,7 @@ from ddimctl.schedule import (
     flow_schedule,
     make_betas,
     make_plan,
+    plan_from_lambdas,
     rescale_zero_terminal_snr,
     select_timesteps,
     shift_sigma,
@@ -18,8 +20,7 @@ from ddimctl.schedule import (
 
 @pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
 @pytest.mark.parametrize("zero_snr", [False, True])
-def test_alphas_cumprod_match_diffusers(beta_schedule, zero_snr):
-    diffusers = pytest.importorskip("diffusers")
+def test_alphas_cumprod_match_diffusers(diffusers, beta_schedule, zero_snr):
     ref = diffusers.DDIMScheduler(
         beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=zero_snr
     )
@@ -55,8 +56,7 @@ def test_explicit_betas_and_bad_values():
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("steps", [1, 3, 10, 25, 50, 333, 1000])
 @pytest.mark.parametrize("offset", [0, 1])
-def test_timesteps_equal_diffusers(spacing, steps, offset):
-    diffusers = pytest.importorskip("diffusers")
+def test_timesteps_equal_diffusers(diffusers, spacing, steps, offset):
     ref = diffusers.DDIMScheduler(timestep_spacing=spacing, steps_offset=offset)
     if spacing == "leading" and offset and steps == 1000:
         with pytest.raises(ValueError, match="range"):
@@ -88,6 +88,35 @@ def test_logsnr_spacing_is_uniform_in_logsnr():
     plan = make_plan(s, 20, "logsnr")
     np.testing.assert_allclose(np.log(plan.a[:-1] / plan.b[:-1]), targets, atol=1e-9)
     np.testing.assert_allclose(plan.timesteps, ts, atol=0.5)
+
+
+def test_logsnr_plan_spends_no_call_at_the_data_end():
+    """logsnr: S + 1 nodes uniform in log-SNR, the first S called, the last step into the clean end."""
+    s = vp_schedule()
+    for n in (5, 10, 50):
+        plan = make_plan(s, n, "logsnr")
+        lam = np.log(plan.a[:-1]) - np.log(plan.b[:-1])
+        lo, hi = s.lambdas()[-1], s.lambdas()[0]
+        np.testing.assert_allclose(lam, lo + (hi - lo) * np.arange(n) / n, atol=1e-9)
+        assert plan.timesteps[0] == 999 and plan.timesteps[-1] > 0.0 and lam[-1] < hi and plan.b[-1] == 0.0
+        # the model time of each level is where the schedule has that level
+        for t, a, b in zip(plan.timesteps, plan.a, plan.b):
+            assert s.ab(float(t)) == pytest.approx((a, b), abs=1e-12)
+    flow = make_plan(flow_schedule(), 4, "logsnr")
+    assert flow.b[0] == 1.0 and flow.b[-1] == 0.0 and np.all(np.diff(flow.b) < 0)
+
+
+def test_fractional_times_interpolate_log_a():
+    s = vp_schedule()
+    assert s.ab(500.0) == (math.sqrt(s.alphas_cumprod[500]), math.sqrt(1 - s.alphas_cumprod[500]))
+    a, b = s.ab(500.25)
+    la = 0.75 * 0.5 * math.log(s.alphas_cumprod[500]) + 0.25 * 0.5 * math.log(s.alphas_cumprod[501])
+    assert a == pytest.approx(math.exp(la), rel=1e-14) and a * a + b * b == pytest.approx(1.0, abs=1e-14)
+    assert s.time_of_lambda(math.log(a / b)) == pytest.approx(500.25, abs=1e-9)
+    with pytest.raises(ValueError, match="outside the training range"):
+        s.ab(999.5)
+    plan = plan_from_lambdas(s, [-5.0, 0.0, 2.0])
+    assert plan.timesteps[0] == pytest.approx(s.time_of_lambda(-5.0))
 
 
 @pytest.mark.parametrize("steps", [0, 1001])

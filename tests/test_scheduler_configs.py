@@ -24,11 +24,6 @@ NOT_IN_DIFFUSERS = {"GaussianDDPMScheduler"}  # diffusers <= 0.1's name
 NEEDS_TORCHSDE = {"DPMSolverSDEScheduler"}
 
 
-@pytest.fixture(scope="module")
-def diffusers():
-    return pytest.importorskip("diffusers")
-
-
 def _scheduler(diffusers, name: str, **kwargs):
     if name in NOT_IN_DIFFUSERS:
         pytest.skip(f"{name} is not a diffusers class any more")
@@ -220,24 +215,15 @@ SUPPORTED = ("ddimctl reads VP schedulers (DDPM, DDIM, PNDM, DPM-Solver, UniPC, 
              "KDPM2) and FlowMatchEuler/FlowMatchHeun")
 
 
-def test_variance_exploding_is_refused_with_the_exact_line(diffusers):
-    config = _saved_config(diffusers.ScoreSdeVeScheduler())
+@pytest.mark.parametrize("name,why", [
+    ("ScoreSdeVeScheduler", "variance-exploding score SDE (x_t = x0 + sigma_t eps), not variance preserving"),
+    ("CMStochasticIterativeScheduler", "consistency model: a one- or few-step sampler of its own, not a DDIM process"),
+], ids=["variance-exploding", "consistency-model"])
+def test_refused_classes_get_the_exact_line(diffusers, name, why):
+    config = _saved_config(getattr(diffusers, name)())
     with pytest.raises(ConfigError) as e:
         SamplerSettings.from_config(config, source=SRC)
-    assert str(e.value) == (
-        f"{SRC}: unsupported scheduler class 'ScoreSdeVeScheduler' (variance-exploding score SDE "
-        f"(x_t = x0 + sigma_t eps), not variance preserving; {SUPPORTED})"
-    )
-
-
-def test_consistency_models_are_refused_with_the_exact_line(diffusers):
-    config = _saved_config(diffusers.CMStochasticIterativeScheduler())
-    with pytest.raises(ConfigError) as e:
-        SamplerSettings.from_config(config, source=SRC)
-    assert str(e.value) == (
-        f"{SRC}: unsupported scheduler class 'CMStochasticIterativeScheduler' (consistency model: a one- or "
-        f"few-step sampler of its own, not a DDIM process; {SUPPORTED})"
-    )
+    assert str(e.value) == f"{SRC}: unsupported scheduler class '{name}' ({why}; {SUPPORTED})"
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED_SCHEDULERS))

@@ -31,8 +31,7 @@ def test_round_trip_through_diffusers_config():
     assert SamplerSettings.from_config(s.to_diffusers_config()) == s
 
 
-def test_ddim_scheduler_accepts_our_config():
-    diffusers = pytest.importorskip("diffusers")
+def test_ddim_scheduler_accepts_our_config(diffusers):
     s = SamplerSettings(prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=1)
     sch = diffusers.DDIMScheduler.from_config(s.to_diffusers_config())
     assert sch.config.prediction_type == "v_prediction" and sch.config.timestep_spacing == "trailing"

@@ -77,15 +77,13 @@ def ours(folder: Path, prompts: list[str], negative: str | None, latents: torch.
 
 @pytest.mark.parametrize("name", ["sd15", "sd2", "sdxl"])
 @pytest.mark.parametrize("negative", [None, "blurry, ugly"])
-def test_sampling_equals_diffusers_pipeline_from_the_same_latents(pipes, name, negative):
+def test_sampling_equals_diffusers_pipeline_from_the_same_latents(diffusers, pipes, name, negative):
     """The pipeline with DDIMScheduler (clip_sample off: the latents are not images) and ddimctl's ddim sampler
     from the same initial latents, two prompts, w = 3, 4 steps: the final latents agree to 1e-4 (values ~20)."""
-    from diffusers import DDIMScheduler
-
     pipe, folder = pipes[name]
     latents = t2i.noise(pipe, 2, H, W, seed=0)
     prompts = ["a photo of a cat", "an astronaut riding a horse"]
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     theirs = t2i.reference_latents(pipe, prompts, negative, latents, 4, 3.0, H, W, scheduler=scheduler)
     mine = ours(folder, prompts, negative, latents, 4, 3.0)
     diff = float((mine - theirs).abs().max())
@@ -95,15 +93,14 @@ def test_sampling_equals_diffusers_pipeline_from_the_same_latents(pipes, name, n
     assert float((other - theirs).abs().max()) > 1e-2  # the prompt matters
 
 
-def test_the_cli_writes_the_pipelines_images(pipes, tmp_path):
+def test_the_cli_writes_the_pipelines_images(diffusers, pipes, tmp_path):
     """`ddimctl sample --latents` from the pipeline's own latents writes the images the pipeline decodes."""
-    from diffusers import DDIMScheduler
     from safetensors.torch import load_file, save_file
 
     pipe, folder = pipes["sd15"]
     latents = t2i.noise(pipe, 2, H, W, seed=3)
     save_file({"latents": latents.contiguous()}, tmp_path / "x_T.safetensors")
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     with torch.inference_mode():
         images = pipe(["a red apple"] * 2, latents=latents, num_inference_steps=5, guidance_scale=7.5, height=H, width=W,
                       output_type="pt").images  # (2, 3, H, W) in [0, 1]

@@ -20,16 +20,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from ddimctl.cli import app
-from tinymodels import tiny_kl, tiny_vq
+from tinymodels import TRAIN_TINY, tiny_kl, tiny_vq
 
-TINY = ["--image-size", "8", "--channels", "3", "--base-channels", "8", "--channel-mult", "1,2",
-        "--attention-resolutions", "2", "--norm-groups", "4", "--batch-size", "8", "--warmup-steps", "2",
-        "--lr", "1e-3", "--threads", "1", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def diffusers():
-    return pytest.importorskip("diffusers")
+TINY = [*TRAIN_TINY, "--channels", "3", "--attention-resolutions", "2", "--warmup-steps", "2", "--lr", "1e-3"]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from ddimctl.nets.unet2d import (
     count_parameters,
     normalize_config,
 )
+from tinymodels import DDPM_TIME, UNET_32_64, load_saved_unet, max_diff, with_legacy_attention_keys
 
 CIFAR10_CONFIG = {  # google/ddpm-cifar10-32 config.json
     "_class_name": "UNet2DModel",
@@ -47,19 +48,10 @@ CELEBAHQ_CONFIG = {  # google/ddpm-celebahq-256 / ddpm-cat-256 style
     "sample_size": 256,
 }
 
-TINY_BASE = {
-    "sample_size": 16,
-    "block_out_channels": [32, 64],
-    "layers_per_block": 2,
-    "norm_num_groups": 8,
-    "norm_eps": 1e-6,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "attention_head_dim": None,
-    "flip_sin_to_cos": False,
-    "freq_shift": 1,
-    "downsample_padding": 0,
-}
+# CIFAR-10's choices (two layers per block, single-head attention, DDPM time embedding, no downsample padding)
+# at 32/64 channels
+TINY_BASE = {**UNET_32_64, "sample_size": 16, "layers_per_block": 2, "attention_head_dim": None, **DDPM_TIME,
+             "downsample_padding": 0}
 
 TINY_CONFIGS = {
     "cifar-like": {**TINY_BASE},
@@ -117,11 +109,6 @@ TINY_CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def diffusers():
-    return pytest.importorskip("diffusers")
-
-
 def _perturb_norms(model: torch.nn.Module) -> None:
     """GroupNorm affine parameters start at (1, 0); make them non-trivial so loading them is tested."""
     with torch.no_grad():
@@ -133,26 +120,17 @@ def _perturb_norms(model: torch.nn.Module) -> None:
 
 def _diffusers_pair(diffusers, config: dict, tmp_path):
     """A random diffusers model saved with save_pretrained, and ours built from the saved config and weights."""
-    from safetensors.torch import load_file
-
     torch.manual_seed(0)
     kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
     theirs = diffusers.UNet2DModel(**kwargs).eval()
     _perturb_norms(theirs)
     theirs.save_pretrained(tmp_path)
-    saved_config = json.loads((tmp_path / "config.json").read_text())
-    ours = UNet2DModel.from_config(saved_config).eval()
-    state = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
-    ours.load_state_dict(state, strict=True)
+    ours, state = load_saved_unet(tmp_path)
     return theirs, ours, state
 
 
 def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
@@ -177,7 +155,7 @@ def test_tiny_configs_match_diffusers(diffusers, name, tmp_path):
             expected = theirs(x, t).sample
             got = ours(x, t)
             assert isinstance(got, torch.Tensor) and got.shape == (3, cfg["out_channels"], size, size)
-            assert _max_diff(got, expected) <= 1e-5, (name, t)
+            assert max_diff(got, expected) <= 1e-5, (name, t)
 
 
 def test_cifar10_config_matches_diffusers(diffusers, tmp_path):
@@ -186,7 +164,7 @@ def test_cifar10_config_matches_diffusers(diffusers, tmp_path):
     assert count_parameters(ours) == count_parameters(theirs) == 35_746_307
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert _max_diff(ours(x, 500), theirs(x, 500).sample) <= 1e-5
+        assert max_diff(ours(x, 500), theirs(x, 500).sample) <= 1e-5
 
 
 @pytest.mark.parametrize("config", [CIFAR10_CONFIG, CELEBAHQ_CONFIG], ids=["cifar10-32", "celebahq-256"])
@@ -228,7 +206,7 @@ def test_python_float_timestep_truncates_like_diffusers(diffusers, tmp_path):
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         got = ours(x, 10.9)
-        assert _max_diff(got, theirs(x, 10.9).sample) <= 1e-5
+        assert max_diff(got, theirs(x, 10.9).sample) <= 1e-5
         assert torch.equal(got, ours(x, 10))
 
 
@@ -252,7 +230,7 @@ def test_float64_matches_float32():
         model64 = model.double()
         out64 = model64(x.double(), t)
     assert out64.dtype == torch.float64
-    assert _max_diff(out32, out64) <= 1e-5
+    assert max_diff(out32, out64) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -263,7 +241,7 @@ def test_half_precision_runs_and_stays_close(dtype):
         ref = model(x, 400)
         out = model.to(dtype)(x.to(dtype), torch.tensor([400, 400]))
     assert out.dtype == dtype and torch.isfinite(out).all()
-    assert _max_diff(out, ref) <= 0.05 * ref.abs().max().item()
+    assert max_diff(out, ref) <= 0.05 * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
@@ -294,7 +272,7 @@ def test_channels_last_matches_contiguous():
         out = model.to(memory_format=torch.channels_last)(
             x.to(memory_format=torch.channels_last), torch.tensor([5, 900])
         )
-    assert _max_diff(out, ref) <= 1e-5
+    assert max_diff(out, ref) <= 1e-5
 
 
 def test_timestep_forms_agree_and_bad_shapes_raise():
@@ -322,12 +300,7 @@ def test_keyword_construction_and_metadata_keys_ignored():
 def test_legacy_attention_keys_convert():
     model = _tiny()
     state = model.state_dict()
-    renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    legacy = {}
-    for key, value in state.items():
-        for new, old in renames.items():
-            key = key.replace(f".{new}.", f".{old}.")
-        legacy[key] = value
+    legacy = with_legacy_attention_keys(state)
     assert any(".proj_attn." in k for k in legacy) and any(k.startswith("mid_block.attentions.0.query") for k in legacy)
     converted = convert_legacy_attention_keys(legacy)
     assert set(converted) == set(state)
@@ -417,4 +390,4 @@ def test_other_dtypes_match_diffusers(diffusers, dtype, tmp_path):
     with torch.no_grad():
         got, expected = ours(x, t), theirs(x, t).sample
     assert got.dtype == dtype
-    assert _max_diff(got, expected) <= (1e-10 if dtype == torch.float64 else 2e-2)
+    assert max_diff(got, expected) <= (1e-10 if dtype == torch.float64 else 2e-2)

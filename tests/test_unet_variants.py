@@ -18,17 +18,9 @@ from torch import nn
 import ddimctl.nets.unet2d as unet_module
 from ddimctl.errors import ConfigError
 from ddimctl.nets.unet2d import DEFAULT_CONFIG, UNet2DModel, count_parameters
+from tinymodels import UNET_32_64, load_saved_unet, max_diff
 
-BASE = {
-    "sample_size": 8,
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "norm_eps": 1e-6,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "attention_head_dim": 16,
-}
+BASE = {**UNET_32_64, "sample_size": 8, "layers_per_block": 1, "attention_head_dim": 16}
 
 SIZE = 8  # the input size of the small models' tests (fully convolutional: sample_size is only metadata)
 
@@ -119,11 +111,6 @@ IDDPM_CIFAR10_CONFIG = {
 }
 
 
-@pytest.fixture(scope="module")
-def diffusers():
-    return pytest.importorskip("diffusers")
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
@@ -150,25 +137,17 @@ def _randomize(model: nn.Module, seed: int) -> None:
 
 def _saved_pair(diffusers, config: dict, tmp_path, seed: int = 0):
     """A random diffusers model, saved with save_pretrained as safetensors, and ours loaded from what it wrote."""
-    from safetensors.torch import load_file
-
     with torch.device("meta"):  # skip diffusers' own initialisation: every weight is redrawn anyway
         theirs = diffusers.UNet2DModel(**config)
     theirs = theirs.to_empty(device="cpu").eval()
     assert not list(theirs.buffers())  # to_empty leaves buffers uninitialised; UNet2DModel has none
     _randomize(theirs, seed)
     theirs.save_pretrained(tmp_path, safe_serialization=True)
-    ours = UNet2DModel.from_config(json.loads((tmp_path / "config.json").read_text())).eval()
-    state = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
-    ours.load_state_dict(state, strict=True)
+    ours, state = load_saved_unet(tmp_path)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in state.items()}
     assert count_parameters(ours) == count_parameters(theirs)
     return theirs, ours
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
 
 
 def _output_diff(got: torch.Tensor, expected: torch.Tensor, config: dict, t) -> float:
@@ -405,9 +384,9 @@ def test_each_sample_depends_only_on_its_own_inputs():
         batched = model(x, t, labels)
         for i in range(3):
             alone = model(x[i : i + 1], t[i : i + 1], labels[i : i + 1])
-            assert _max_diff(batched[i : i + 1], alone) <= 1e-5
+            assert max_diff(batched[i : i + 1], alone) <= 1e-5
             shared = model(x, t[i : i + 1], labels[i : i + 1])  # one timestep and one label for the whole batch
-            assert _max_diff(shared[i : i + 1], alone) <= 1e-5
+            assert max_diff(shared[i : i + 1], alone) <= 1e-5
 
 
 def test_linear_per_row_is_linear_and_row_invariant():
@@ -416,7 +395,7 @@ def test_linear_per_row_is_linear_and_row_invariant():
     x = torch.randn(7, 96)
     with torch.no_grad():
         out = unet_module._linear_per_row(linear, x)
-        assert _max_diff(out, linear(x)) <= 1e-5
+        assert max_diff(out, linear(x)) <= 1e-5
         for i in range(7):
             assert torch.equal(unet_module._linear_per_row(linear, x[i : i + 1]), out[i : i + 1])
 
@@ -464,7 +443,7 @@ def test_gradients_match_diffusers(diffusers, tmp_path):
         assert param.grad is not None, name
         # relative to the tensor's largest gradient; an absolute floor for the attention key biases, whose exact
         # gradient is zero (softmax ignores a shift of every key) and comes out as 1e-9 noise in both
-        assert _max_diff(param.grad, expected) <= 1e-6 + 1e-4 * expected.abs().max().item(), name
+        assert max_diff(param.grad, expected) <= 1e-6 + 1e-4 * expected.abs().max().item(), name
     assert ours.time_embedding.linear_1.weight.grad.abs().max() > 0
     assert ours.down_blocks[0].resnets[0].time_emb_proj.weight.grad.abs().max() > 0
 
@@ -525,7 +504,7 @@ def test_cd_imagenet64_full_config_matches_diffusers(diffusers):
         got = ours(x, t, labels)
     assert got.shape == (1, 3, 16, 16)
     assert expected.abs().max() > 1e-2
-    assert _max_diff(got, expected) <= 1e-5
+    assert max_diff(got, expected) <= 1e-5
 
 
 def test_learned_variance_iddpm_config_matches_diffusers(diffusers, tmp_path):
@@ -541,7 +520,7 @@ def test_learned_variance_iddpm_config_matches_diffusers(diffusers, tmp_path):
         got = ours(x, t)
     assert got.shape == (2, 6, 16, 16)
     eps, variance = got.chunk(2, dim=1)  # what a sampler splits: both halves are the diffusers ones
-    assert _max_diff(eps, expected[:, :3]) <= 1e-5 and _max_diff(variance, expected[:, 3:]) <= 1e-5
+    assert max_diff(eps, expected[:, :3]) <= 1e-5 and max_diff(variance, expected[:, 3:]) <= 1e-5
     assert expected[:, 3:].abs().max() > 1e-2
 
 

@@ -1,4 +1,5 @@
-"""The commands as users run them: Typer's CliRunner in-process, real subprocesses where it matters."""
+"""The commands end to end as users run them (sample, invert, reconstruct, interpolate, info; --compile, --dtype,
+--channels-last, torchrun): Typer's CliRunner in-process, real subprocesses where it matters."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The few-step samplers (DPM-Solver++(3M), UniPC, iPNDM) against closed forms, the reference implementations and
-each other: the order of each update, convergence of whole runs, VP and rectified-flow paths alike."""
+"""The multistep samplers (DPM-Solver++(2M) and (3M), UniPC, iPNDM; BDIA) against closed forms, the reference
+implementations and each other: the order of each update, convergence of whole runs, VP and rectified-flow paths
+alike."""
 
 from __future__ import annotations
 
@@ -20,19 +21,10 @@ from ddimctl.sampler import (
     sample,
     unipc_bh2_update,
 )
-from ddimctl.schedule import flow_schedule, make_plan, plan_from_lambdas, plan_from_levels, vp_schedule
-from oracles import GaussianOracle, MixtureOracle, rms
+from ddimctl.schedule import flow_schedule, make_plan, plan_from_levels, vp_schedule
+from oracles import D, GaussianOracle, MixtureOracle, ode_error, rms
 
 NEW = ("dpm++3m", "unipc", "ipndm")
-D = 16
-
-
-@pytest.fixture(scope="module")
-def gaussian():
-    g = torch.Generator().manual_seed(0)
-    mu = torch.randn(D, generator=g, dtype=torch.float64)
-    x_T = torch.randn(32, D, generator=g, dtype=torch.float64)
-    return mu, x_T
 
 
 def vp_levels(lam: float) -> tuple[float, float]:
@@ -221,7 +213,7 @@ def test_each_sampler_at_few_calls_beats_ddim_at_many_on_gaussian_data(gaussian)
         assert err_20 < ddim_50 / 4, (sampler, err_20, ddim_50)
 
 
-@pytest.mark.parametrize("sampler", NEW)
+@pytest.mark.parametrize("sampler", ["dpm++2m", *NEW])
 def test_one_step_is_the_ddim_step(gaussian, sampler):
     mu, x_T = gaussian
     s = vp_schedule()
@@ -287,6 +279,30 @@ def test_higher_order_samplers_converge_on_a_mixture():
         assert e_50 < ddim_50 / 10, (sampler, e_50, ddim_50)
 
 
+def test_dpmpp_2m_is_second_order_and_beats_ddim_at_fewer_calls(gaussian):
+    mu, x_T = gaussian
+    s = vp_schedule()
+    e_ddim_50, calls_ddim = ode_error(s, mu, 0.5, x_T, 50, "logsnr")
+    e_2m_10, calls_2m = ode_error(s, mu, 0.5, x_T, 10, "logsnr", sampler="dpm++2m")
+    assert calls_2m == 10 and calls_ddim <= 50
+    assert e_2m_10 <= e_ddim_50, (e_2m_10, e_ddim_50)
+    errs = [ode_error(s, mu, 0.5, x_T, n, "logsnr", sampler="dpm++2m")[0] for n in (20, 40)]
+    assert errs[0] / errs[1] > 3.0, errs  # about 4 for a second-order method
+
+
+def test_bdia_differs_from_ddim_by_less_than_ddims_own_error(gaussian):
+    """BDIA (gamma = 1) integrates the same ODE: on Gaussian data its error against the exact solution is of DDIM's
+    order or better."""
+    mu, x_T = gaussian
+    s = vp_schedule()
+    oracle = GaussianOracle(s, mu, 0.5)
+    plan = make_plan(s, 20, "logsnr")
+    exact = oracle.ode_solution(x_T, plan.a[0], plan.b[0], plan.a[-1], plan.b[-1])
+    e_ddim = rms(sample(Denoiser(oracle), x_T, plan) - exact)
+    e_bdia = rms(sample(Denoiser(oracle), x_T, plan, "bdia") - exact)
+    assert e_bdia < 2 * e_ddim, (e_bdia, e_ddim)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Against the reference implementations (diffusers' schedulers on the same levels)
 
@@ -297,8 +313,7 @@ def test_higher_order_samplers_converge_on_a_mixture():
     ("dpm++3m", lambda d: d.DPMSolverMultistepScheduler(solver_order=3, final_sigmas_type="zero")),
     ("dpm++2m", lambda d: d.DPMSolverMultistepScheduler(solver_order=2, final_sigmas_type="zero")),
 ])
-def test_multistep_samplers_match_diffusers(gaussian, steps, ours, make):
-    diffusers = pytest.importorskip("diffusers")
+def test_multistep_samplers_match_diffusers(diffusers, gaussian, steps, ours, make):
     mu, x_T = gaussian
     oracle = GaussianOracle(vp_schedule(), mu, 0.5)
     scheduler = make(diffusers)
@@ -337,32 +352,3 @@ def test_order_arguments():
         sample_unipc(den, x, plan, order=4)
     with pytest.raises(ValueError, match="iPNDM order"):
         sample_ipndm(den, x, plan, order=5)
-
-
-def test_logsnr_plan_spends_no_call_at_the_data_end():
-    """logsnr: S + 1 nodes uniform in log-SNR, the first S called, the last step into the clean end."""
-    s = vp_schedule()
-    for n in (5, 10, 50):
-        plan = make_plan(s, n, "logsnr")
-        lam = np.log(plan.a[:-1]) - np.log(plan.b[:-1])
-        lo, hi = s.lambdas()[-1], s.lambdas()[0]
-        np.testing.assert_allclose(lam, lo + (hi - lo) * np.arange(n) / n, atol=1e-9)
-        assert plan.timesteps[0] == 999 and plan.timesteps[-1] > 0.0 and lam[-1] < hi and plan.b[-1] == 0.0
-        # the model time of each level is where the schedule has that level
-        for t, a, b in zip(plan.timesteps, plan.a, plan.b):
-            assert s.ab(float(t)) == pytest.approx((a, b), abs=1e-12)
-    flow = make_plan(flow_schedule(), 4, "logsnr")
-    assert flow.b[0] == 1.0 and flow.b[-1] == 0.0 and np.all(np.diff(flow.b) < 0)
-
-
-def test_fractional_times_interpolate_log_a():
-    s = vp_schedule()
-    assert s.ab(500.0) == (math.sqrt(s.alphas_cumprod[500]), math.sqrt(1 - s.alphas_cumprod[500]))
-    a, b = s.ab(500.25)
-    la = 0.75 * 0.5 * math.log(s.alphas_cumprod[500]) + 0.25 * 0.5 * math.log(s.alphas_cumprod[501])
-    assert a == pytest.approx(math.exp(la), rel=1e-14) and a * a + b * b == pytest.approx(1.0, abs=1e-14)
-    assert s.time_of_lambda(math.log(a / b)) == pytest.approx(500.25, abs=1e-9)
-    with pytest.raises(ValueError, match="outside the training range"):
-        s.ab(999.5)
-    plan = plan_from_lambdas(s, [-5.0, 0.0, 2.0])
-    assert plan.timesteps[0] == pytest.approx(s.time_of_lambda(-5.0))

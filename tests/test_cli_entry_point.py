@@ -1,4 +1,4 @@
-"""The CLI's shell: help without torch, version, python -m, exit codes."""
+"""The CLI's entry point: python -m ddimctl, --version, --help without importing torch, a usage error's exit code."""
 
 import subprocess
 import sys
