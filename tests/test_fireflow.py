@@ -79,6 +79,31 @@ def test_on_a_flow_model_it_is_fireflows_own_update(gaussian, shift, spacing):
     assert rms(got - x_T) > 1e-4  # and it is not exact
 
 
+def test_on_a_vp_model_it_is_fireflow_in_flow_coordinates(gaussian):
+    """VP through the same construction: FireFlow's loop run on z = x / (a + b) over s = b / (a + b), with the
+    velocity eps - x0 of the VP denoiser at the level of each s, is what the sampler gives."""
+    v = vp_schedule()
+    mix = MixtureOracle.random(v, components=4, dim=D, seed=3)
+    plan = vp_lambda_plan(8)
+    x_T = gaussian[1]
+
+    def level(s):
+        n = 1 / math.sqrt((1 - s) ** 2 + s * s)  # a^2 + b^2 = 1
+        return (1 - s) * n, s * n
+
+    def velocity(z, t):
+        s = float(t[0]) / 1000
+        a, b = level(s)
+        x0, eps = mix.predict(z * (a + b), a, b)
+        return eps - x0
+
+    s_k = [float(flow_time(a, b)) for a, b in zip(plan.a, plan.b)]
+    want = fireflow_reference(velocity, x_T / (plan.a[0] + plan.b[0]), s_k) * (plan.a[-1] + plan.b[-1])
+    got = sample(Denoiser(mix), x_T, plan, "fireflow")
+    assert rms(got - want) <= 1e-9 * rms(want), rms(got - want)
+    assert rms(sample(Denoiser(mix), x_T, plan) - want) > 1e-4  # (DDIM is not)
+
+
 @pytest.mark.parametrize("case", ["flow gaussian", "flow mixture", "vp gaussian", "vp v-prediction"])
 def test_converges_at_second_order(gaussian, case):
     """Error against the exact probability-flow ODE solution as the steps double: slope 2 (DDIM, on the same
