@@ -16,7 +16,7 @@ models do not accumulate rounding in x over the steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,6 +34,8 @@ from .settings import SamplerSettings
 INVERSIONS = ("exact", "plain")
 #: Samplers whose latent is a pair (x_T, x_{T-1}) of states rather than x_T alone.
 PAIR_SAMPLERS = ("bdia",)
+#: Samplers that make S + 1 model calls for S steps.
+EXTRA_CALL_SAMPLERS = ("fireflow",)
 
 
 def inversion_spacing(settings: SamplerSettings) -> str:
@@ -191,6 +193,8 @@ class Engine:
 
             self.plan = load_schedule(options.schedule_file, *model_identity(self.source), options.sampler,
                                       options.steps, self.settings.schedule())
+            if self.plan.schedule is None:  # the model times between its levels (fireflow's midpoints)
+                self.plan = replace(self.plan, schedule=self.settings.schedule())
         # Clipping or thresholding x0_hat makes the step many-to-one, so no inversion can undo it: invert, and
         # decode (which must retrace an inversion), run the plain ODE.
         self.ode_settings = self.settings.with_overrides(clip_sample=False, thresholding=False)
@@ -456,8 +460,10 @@ class Engine:
         return self.to_images(sample(denoiser, x.float(), plan, self.options.sampler, 0.0, None, callback))
 
     def decode_calls(self, pair: bool = False) -> int:
-        """Model calls :meth:`decode` makes per batch (one fewer from a bdia pair: its first state is given)."""
-        return len(self.plan) - (1 if pair and self.pair_latents else 0)
+        """Model calls :meth:`decode` makes per batch (one fewer from a bdia pair: its first state is given; one more
+        for fireflow, whose first step calls the model at x_T and at its midpoint)."""
+        extra = 1 if self.options.sampler in EXTRA_CALL_SAMPLERS else 0
+        return len(self.plan) + extra - (1 if pair and self.pair_latents else 0)
 
     def reconstruct(self, x0: Tensor, callback=None, conditions: Sequence[Any] | None = None) -> Reconstruction:
         """Invert images x0 (B, C, H, W) in [-1, 1], decode the latents again, and measure the error."""

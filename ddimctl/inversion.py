@@ -25,12 +25,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .sampler import (
     Callback, Denoise, _isfinite, bdia_step, ddim_step, dpmpp_2m_update, dpmpp_3m_second_order_before_end,
     dpmpp_3m_update, ipndm_update, lam, model_times, plan_requires_grad, sampling_function, unipc_bh2_update,
+)
+from .sampler import (  # FireFlow
+    Midpoints, _blend, _clean_end_time, fireflow_midpoints, fireflow_step, flow_step, sample_fireflow,
 )
 from .schedule import SamplingPlan
 
@@ -788,6 +792,127 @@ def _inv_multistep(update: PlanUpdate) -> Callable[..., "tuple[Tensor, None]"]:
     return run
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# FireFlow: its own reversed scheme (plain), and exact inversion over the states where it calls the model
+#
+# FireFlow (:func:`ddimctl.sampler.sample_fireflow`) calls the model at x_T and then once per step at the step's
+# midpoint y_k, whose velocity is reused to start step k + 1. Written over the states where it calls the model --
+# x_T, y_0, ..., y_{S-1}, and the data -- it is a two-step linear multistep method: y_{k+1} follows from y_k, the
+# output at y_k and the output at y_{k-1} (walk back from y_k to x_k along the reused velocity, take the step, walk
+# on to the next midpoint). That is a plan update (:data:`PlanUpdate`) on the "call plan" of those S + 2 levels, so
+# the exact inversion is :func:`invert_multistep` on it, the same solver as every multistep sampler's.
+
+
+def fireflow_call_plan(plan: SamplingPlan, mid: Midpoints | None = None) -> SamplingPlan:
+    """The S + 1 model calls of FireFlow on ``plan`` as a plan of S + 2 levels: level 0 of ``plan`` (x_T), the S
+    midpoints (:func:`ddimctl.sampler.fireflow_midpoints`), and the clean end."""
+    mid = mid if mid is not None else fireflow_midpoints(plan)
+    S = len(plan)
+    cat = (lambda vs: torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in vs])) if plan_requires_grad(
+        plan) else (lambda vs: np.asarray([float(v) for v in vs], np.float64))
+    return SamplingPlan(cat([plan.timesteps[0], *mid.timesteps]), cat([plan.a[0], *mid.a, plan.a[S]]),
+                        cat([plan.b[0], *mid.b, plan.b[S]]), plan.schedule)
+
+
+def fireflow_plan_update(plan: SamplingPlan, mid: Midpoints | None = None) -> PlanUpdate:
+    """FireFlow on ``plan`` as a plan update over its call plan (:func:`fireflow_call_plan`): step j goes from the
+    j-th call's point to the next one's. With ``outs[j]`` the outputs at call j (j = 0 at x_T, j = k + 1 at step k's
+    midpoint), step 0 is the first half step from x_T, and step j >= 1 undoes step k = j - 1's half step (back from
+    y_k to x_k along its starting velocity, outs[j - 1]), takes step k with the midpoint velocity (outs[j]) and the
+    next half step with it. Each piece is the sampler's own :func:`ddimctl.sampler.flow_step`; run by
+    :func:`run_plan_updates` it equals :func:`ddimctl.sampler.sample_fireflow` up to rounding (float64: tested)."""
+    mid = mid if mid is not None else fireflow_midpoints(plan)
+    S = len(plan)
+
+    def half_step(x: Tensor, k: int, out: tuple[Tensor, Tensor], back: bool = False) -> Tensor:
+        """x_k -> y_k along ``out`` (y_k -> x_k when ``back``); no move for a node at the step's start."""
+        if mid.fraction[k] == 0:
+            return x
+        ends = ((mid.a[k], mid.b[k]), (plan.a[k], plan.b[k]))
+        (a, b), (a_to, b_to) = ends if back else ends[::-1]
+        return flow_step(x, a, b, out[0], out[1], a_to, b_to)
+
+    def update(call_plan: SamplingPlan, j: int, x: Tensor, outs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        if j == 0:
+            return half_step(x, 0, outs[0])
+        k = j - 1
+        x_k = half_step(x, k, outs[k], back=True)
+        x_next = flow_step(x_k, plan.a[k], plan.b[k], *_blend(outs[k], outs[j], mid.weight(k)), plan.a[k + 1],
+                           plan.b[k + 1])
+        return x_next if j == S else half_step(x_next, j, outs[j])
+
+    return update
+
+
+@sampling_function
+def invert_fireflow_plain(denoise: Denoise, x0: Tensor, plan: SamplingPlan, callback: Callback | None = None,
+                          stats: InversionStats | None = None) -> Tensor:
+    """FireFlow's own inversion: the same scheme walked from the data to x_T (:func:`ddimctl.sampler.fireflow_step`
+    with ``inverse=True``), S + 1 model calls: one at the data (the clean end's model time), then one per step at
+    the same midpoints as sampling. Second order, not exact: sampling its x_T misses x0 by O(h^2)."""
+    stats = stats if stats is not None else InversionStats()
+    mid = fireflow_midpoints(plan)
+    ts_mid = model_times(mid, x0)
+    B, S = x0.shape[0], len(plan)
+    t_end = torch.as_tensor(_clean_end_time(plan), dtype=ts_mid.dtype).reshape(1).to(x0.device)
+    out = denoise(x0, t_end, plan.a[S], plan.b[S])  # the velocity at the data: the first step's starting velocity
+    stats.model_calls += 1
+    x = x0
+    for n, k in enumerate(range(S - 1, -1, -1)):
+        x, out = fireflow_step(x, out, denoise, ts_mid[k : k + 1], plan, mid, k, inverse=True)
+        stats.model_calls += 1
+        stats._record(None, torch.zeros(B, dtype=torch.long), torch.full((B,), 2 if n == 0 else 1, dtype=torch.long))
+        if callback is not None:
+            callback({"step": n + 1, "total": S, "x": x, "x0": out[0]})
+    return x
+
+
+#: Rounds of Newton on the whole trajectory after the step-by-step solve (:func:`_global_newton`): FireFlow's
+#: reused velocity ties every step to the one before, so the step-by-step solve alone is not exact.
+FIREFLOW_SWEEPS = 20
+
+
+def invert_fireflow(denoise: Denoise, x0: Tensor, plan: SamplingPlan, callback: Callback | None = None,
+                    exact: bool = True, tol: float = 1e-3, max_iter: int = 50, stats: InversionStats | None = None,
+                    max_sweeps: int = FIREFLOW_SWEEPS, checked: bool = True) -> Tensor:
+    """Invert FireFlow (:func:`ddimctl.sampler.sample_fireflow`): x_T (B, ...) whose FireFlow sample is x0.
+
+    Plain (``exact=False``): :func:`invert_fireflow_plain`, FireFlow's reversed scheme.
+
+    Exact: :func:`invert_multistep` on FireFlow's call plan (:func:`fireflow_call_plan`,
+    :func:`fireflow_plan_update`): each of the S + 1 inverse steps (one per model call, from the clean end) solved
+    implicitly by the shared solver, the reused velocity of the step before estimated by extrapolation, then up to
+    ``max_sweeps`` rounds of Newton on the whole trajectory (:func:`_global_newton`) until every step is consistent
+    with the velocities it reuses, to ``tol`` (the RMS error, model units, it may leave in the decoded sample). On
+    the analytic oracles that is exact to the tolerance (tests/test_fireflow.py). ``checked``: decode the result and
+    FireFlow's plain inversion and keep, per image, the one that lands closer (as :func:`invert_multistep_checked`;
+    3 (S + 1) calls more): ``stats`` records which was kept and the RMS by which its decode misses x0.
+    """
+    stats = stats if stats is not None else InversionStats()
+    if not exact:
+        return invert_fireflow_plain(denoise, x0, plan, callback, stats)
+    mid = fireflow_midpoints(plan)
+    x_T = invert_multistep(fireflow_plan_update(plan, mid), denoise, x0, fireflow_call_plan(plan, mid), callback,
+                           tol=tol, max_iter=max_iter, stats=stats, max_sweeps=max_sweeps)
+    if not checked:
+        return x_T
+    with torch.set_grad_enabled(plan_requires_grad(plan)):
+        plain = invert_fireflow_plain(denoise, x0, plan, None, InversionStats())
+        miss = _rms(sample_fireflow(denoise, x_T, plan) - x0)
+        miss_plain = _rms(sample_fireflow(denoise, plain, plan) - x0)
+    keep_plain = miss_plain < miss
+    extra = 3 * (len(plan) + 1)
+    stats.model_calls += extra
+    stats.image_calls = [c + extra for c in stats.image_calls]
+    stats.image_plain_kept = [bool(v) for v in keep_plain.tolist()]
+    stats.image_round_trip = [float(v) for v in torch.minimum(miss, miss_plain).tolist()]
+    return torch.where(_bcast(keep_plain, x_T), plain, x_T)
+
+
+def _inv_fireflow(denoise, x0, plan, exact, tol, max_iter, callback, stats):
+    return invert_fireflow(denoise, x0, plan, callback, exact, tol, max_iter, stats), None
+
+
 INVERT_FUNCTIONS: dict[str, Callable[..., "tuple[Tensor, Tensor | None]"]] = {
     "ddim": _inv_ddim,
     "dpm++2m": _inv_multistep(dpmpp_2m_plan_update),
@@ -795,4 +920,5 @@ INVERT_FUNCTIONS: dict[str, Callable[..., "tuple[Tensor, Tensor | None]"]] = {
     "dpm++3m": _inv_multistep(dpmpp_3m_plan_update),
     "unipc": _inv_multistep(unipc_plan_update),
     "ipndm": _inv_multistep(ipndm_plan_update),
+    "fireflow": _inv_fireflow,
 }

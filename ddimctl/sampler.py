@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .schedule import SamplingPlan
+from .schedule import SamplingPlan, Schedule
 
 Denoise = Callable[[Tensor, Tensor, float, float], "tuple[Tensor, Tensor]"]
 Callback = Callable[[dict[str, Any]], None]
@@ -520,6 +522,185 @@ def sample_ipndm(
     return x
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# FireFlow: the midpoint rule, with each step's midpoint velocity reused as the next step's starting velocity
+#
+# Any process x = a x0 + b eps is rectified flow in the coordinates z = x / (a + b), s = b / (a + b)
+# (z = (1 - s) x0 + s eps), where the probability-flow ODE reads dz/ds = eps_hat - x0_hat (the velocity) and the DDIM
+# step is exactly the Euler step. FireFlow is written in those coordinates, so the one function serves VP and flow
+# models alike, and for a flow model (a + b = 1, s = sigma) it is FireFlow's own update.
+
+
+def flow_time(a, b):
+    """The rectified-flow time ``s = b / (a + b)`` of level (a, b): 1 at pure noise, 0 at the clean end."""
+    return b / (a + b)
+
+
+def flow_step(x: Tensor, a, b, pred_x0: Tensor, pred_eps: Tensor, a_to, b_to) -> Tensor:
+    """The Euler step in flow coordinates from x at level (a, b) to level (a_to, b_to) along the velocity
+    ``pred_eps - pred_x0`` of model outputs that may belong to another point than x (FireFlow reuses them)::
+
+        x_to = ddim_step(x0_hat, eps_hat -> a_to, b_to) + (a_to + b_to) / (a + b) * (x - ddim_step(x0_hat, eps_hat -> a, b))
+
+    that is ``z_to = z + (s_to - s)(eps_hat - x0_hat)`` in z = x / (a + b). Outputs computed at x itself make the
+    second term vanish: then it is the DDIM step (eta = 0). For rectified flow (a + b = 1) it is ``x + (s_to - s) v``,
+    v the model's velocity.
+    """
+    mismatch = x - ddim_step(pred_x0, pred_eps, a, b)  # zero where the outputs were computed at x
+    return ddim_step(pred_x0, pred_eps, a_to, b_to) + ((a_to + b_to) / (a + b)) * mismatch
+
+
+@dataclass(frozen=True)
+class Midpoints:
+    """Where FireFlow's step k calls the model: model time ``timesteps[k]`` at level ``(a[k], b[k])``, at the
+    fraction ``fraction[k]`` of the step's length in s from its noisy end: 1/2 (the midpoint), or 0 (the step's
+    start, where the midpoint lies outside the model's training range; see :func:`fireflow_midpoints`)."""
+
+    timesteps: Any  # (S,) float64 array, or a tensor when the plan's levels are tensors
+    a: Sequence[Any]
+    b: Sequence[Any]
+    fraction: Sequence[float]
+
+    def weight(self, k: int, inverse: bool = False) -> float:
+        """The weight of the node's velocity in step k, the rest going to the starting velocity: the two-stage
+        Runge-Kutta rule ``z_to = z + h ((1 - w) v_start + w v_node)`` with w = 1 / (2c) for a node at fraction c of
+        the step (second order for any c > 0). Forward: 1 at the midpoint, and 1 for a node at the start (the DDIM
+        step with a fresh call there). ``inverse``: the step walked from the clean side, where the node lies at
+        1 - c (1/2 for a node at the forward step's start: Heun's rule)."""
+        c = (1.0 - self.fraction[k]) if inverse else self.fraction[k]
+        return 1.0 if c == 0 else 1.0 / (2.0 * c)
+
+
+def _level_of_flow_time(schedule: Schedule, s: float) -> tuple[float, float, float, bool]:
+    """(model time, a, b, inside): the schedule's level whose flow time is s, and whether the model was trained
+    there (a VP model is not called less noisy than its first training timestep, nor noisier than its last)."""
+    lam_s = math.log1p(-s) - math.log(s) if 0.0 < s < 1.0 else (math.inf if s <= 0.0 else -math.inf)
+    lo, hi = schedule.lambda_range()
+    inside = schedule.kind != "vp" or lo <= lam_s <= hi
+    lam_s = lam_s if inside else min(max(lam_s, lo), hi)
+    t = schedule.time_of_lambda(lam_s) if math.isfinite(lam_s) else (
+        float(schedule.num_train_timesteps) if lam_s < 0 else 0.0)
+    a, b = schedule.ab(t)
+    return t, a, b, inside
+
+
+def _scale_rule(plan: SamplingPlan) -> Callable[[Any, int], Any]:
+    """``(s, k) -> a + b`` at flow time s inside step k, for a plan without its schedule: the VP (a^2 + b^2 = 1) or
+    flow (a + b = 1) level when every level of the plan is one, else a + b interpolated linearly in s."""
+    a = [float(v.detach()) if torch.is_tensor(v) else float(v) for v in plan.a]
+    b = [float(v.detach()) if torch.is_tensor(v) else float(v) for v in plan.b]
+    if all(abs(x * x + y * y - 1.0) < 1e-9 for x, y in zip(a, b)):
+        return lambda s, k: 1.0 / _sqrt((1.0 - s) ** 2 + s * s)
+    if all(abs(x + y - 1.0) < 1e-9 for x, y in zip(a, b)):
+        return lambda s, k: 1.0
+    def interpolated(s, k):
+        s0, s1 = flow_time(plan.a[k], plan.b[k]), flow_time(plan.a[k + 1], plan.b[k + 1])
+        n0, n1 = plan.a[k] + plan.b[k], plan.a[k + 1] + plan.b[k + 1]
+        return n0 + (n1 - n0) * (s - s0) / (s1 - s0)
+    return interpolated
+
+
+def _clean_end_time(plan: SamplingPlan):
+    """The model time of the plan's clean end (level S), which a plan does not list: from its schedule (clamped to
+    the training range); without one, ``t_{S-1} s_S / s_{S-1}`` (model time proportional to s, as rectified flow's)."""
+    S = len(plan)
+    if plan.schedule is not None and not plan_requires_grad(plan):
+        return _level_of_flow_time(plan.schedule, float(flow_time(plan.a[S], plan.b[S])))[0]
+    return plan.timesteps[S - 1] * flow_time(plan.a[S], plan.b[S]) / flow_time(plan.a[S - 1], plan.b[S - 1])
+
+
+def fireflow_midpoints(plan: SamplingPlan) -> Midpoints:
+    """The S levels where FireFlow (:func:`sample_fireflow`) calls the model: step k's midpoint in the flow time
+    s = b / (a + b), ``s_mid = (s_k + s_{k+1}) / 2`` (for a flow model, sigma's midpoint, as FireFlow's code).
+
+    The model time and level come from the plan's schedule (:attr:`SamplingPlan.schedule`), exactly. A VP model is
+    never called less noisy than its first training timestep: where a midpoint lies beyond it (the last step into
+    the clean end, at many steps or when the plan calls the model at t = 0), that step calls the model at its start
+    instead and is the DDIM step (fraction 0: first order on the last step, as the multistep samplers' last step;
+    still one call). A plan without its schedule (a tuned schedule file, a plan being optimised) interpolates the
+    model time linearly in s between the step's ends (exact for rectified flow, whose model time is sigma T; an
+    O(h^2) approximation for VP) and takes the level of the plan's own kind (:func:`_scale_rule`).
+    """
+    S = len(plan)
+    exact = plan.schedule is not None and not plan_requires_grad(plan)
+    scale = None if exact else _scale_rule(plan)
+    ts, a_m, b_m, frac = [], [], [], []
+    for k in range(S):
+        s0, s1 = flow_time(plan.a[k], plan.b[k]), flow_time(plan.a[k + 1], plan.b[k + 1])
+        s_mid = 0.5 * (s0 + s1)
+        if exact:
+            t, a, b, inside = _level_of_flow_time(plan.schedule, float(s_mid))
+            c = 0.5
+            if not inside:  # the step's start instead
+                t, a, b, c = plan.timesteps[k], plan.a[k], plan.b[k], 0.0
+        else:
+            t_to = plan.timesteps[k + 1] if k + 1 < S else _clean_end_time(plan)
+            t = 0.5 * (plan.timesteps[k] + t_to)
+            n = scale(s_mid, k)
+            a, b, c = (1.0 - s_mid) * n, s_mid * n, 0.5
+        ts.append(t)
+        a_m.append(a)
+        b_m.append(b)
+        frac.append(c)
+    times = torch.stack([torch.as_tensor(t, dtype=torch.float64) for t in ts]) if any(
+        torch.is_tensor(t) for t in ts) else np.asarray(ts, np.float64)
+    return Midpoints(times, a_m, b_m, frac)
+
+
+def _blend(start: tuple[Tensor, Tensor], node: tuple[Tensor, Tensor], w) -> tuple[Tensor, Tensor]:
+    """``(1 - w) start + w node`` for two (x0_hat, eps_hat) pairs (the node's own pair where w = 1)."""
+    if not torch.is_tensor(w) and w == 1.0:
+        return node
+    return (1 - w) * start[0] + w * node[0], (1 - w) * start[1] + w * node[1]
+
+
+def fireflow_step(x: Tensor, start: tuple[Tensor, Tensor], denoise: Denoise, t_mid: Tensor, plan: SamplingPlan,
+                  mid: Midpoints, k: int, inverse: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One FireFlow step between levels k and k + 1 of ``plan`` (from k to k + 1; from k + 1 to k when ``inverse``,
+    FireFlow's inversion), given the starting velocity's outputs ``start``; one model call, at the midpoint.
+    Returns (x at the other end, the model's outputs at the midpoint: the next step's starting velocity)::
+
+        x_mid = x + (s_mid - s) v_start            (flow_step with the reused outputs)
+        v_mid = model(x_mid, t_mid)
+        x_to  = x + (s_to - s) v_mid               (the midpoint rule; ((1 - w) v_start + w v_mid) off the midpoint)
+    """
+    i, j = (k + 1, k) if inverse else (k, k + 1)
+    a, b, a_to, b_to = plan.a[i], plan.b[i], plan.a[j], plan.b[j]
+    # 1. half a step (in s) along the starting velocity, to the midpoint level (no move for a node at the start)
+    at_start = mid.fraction[k] == 0 and not inverse
+    x_mid = x if at_start else flow_step(x, a, b, start[0], start[1], mid.a[k], mid.b[k])
+    # 2. the step's model call, at the midpoint
+    out_mid = denoise(x_mid, t_mid, mid.a[k], mid.b[k])
+    # 3. the whole step along the midpoint velocity
+    x_to = flow_step(x, a, b, *_blend(start, out_mid, mid.weight(k, inverse)), a_to, b_to)
+    return x_to, out_mid
+
+
+@sampling_function
+def sample_fireflow(denoise: Denoise, x: Tensor, plan: SamplingPlan, callback: Callback | None = None) -> Tensor:
+    """FireFlow (Deng et al. 2024, arXiv 2412.07517): the midpoint rule in flow coordinates, second order, at one
+    model call a step after the first (S + 1 calls in all); returns x0 (B, ...).
+
+    Where the model is called: once at x_T (level 0, the first step's starting velocity: the one extra call), then
+    once per step at its midpoint (:func:`fireflow_midpoints`: halfway in s = b / (a + b), the model time of that
+    level from the plan's schedule). What is reused: the outputs (x0_hat, eps_hat) at step k's midpoint, which give
+    the velocity of the whole step k, are step k + 1's starting velocity instead of a fresh call at x_{k+1} (they
+    were computed at x_mid, half a step earlier: an O(h) error in a quantity that moves the midpoint by O(h), so
+    the step stays second order). See :func:`fireflow_step`; for a flow model (a = 1 - sigma, b = sigma) each step
+    is exactly FireFlow's ``x_mid = x + (sigma_mid - sigma) v; v = model(x_mid, sigma_mid); x += (sigma_to - sigma) v``.
+    """
+    ts = model_times(plan, x)
+    mid = fireflow_midpoints(plan)
+    ts_mid = model_times(mid, x)
+    S = len(plan)
+    out = denoise(x, ts[0:1], plan.a[0], plan.b[0])  # the starting velocity of the first step
+    for k in range(S):
+        x, out = fireflow_step(x, out, denoise, ts_mid[k : k + 1], plan, mid, k)
+        if callback is not None:
+            callback({"step": k + 1, "total": S, "x": x, "x0": out[0]})
+    return x
+
+
 def _deterministic(name: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """The registry's ``f(denoise, x, plan, eta, generators, callback)`` for an ODE-only sampler."""
 
@@ -540,6 +721,7 @@ SAMPLE_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
     "dpm++3m": _deterministic("dpm++3m", sample_dpmpp_3m),
     "unipc": _deterministic("unipc", sample_unipc),
     "ipndm": _deterministic("ipndm", sample_ipndm),
+    "fireflow": _deterministic("fireflow", sample_fireflow),
 }
 SAMPLERS = tuple(SAMPLE_FUNCTIONS)
 

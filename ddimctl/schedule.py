@@ -268,11 +268,15 @@ class SamplingPlan:
 
     ``timesteps``: the S model time inputs (float64, shape (S,)); ``a``, ``b``: the S + 1 noise levels
     (``x = a_k x0 + b_k eps``), where level k < S belongs to ``timesteps[k]`` and level S is the clean end.
+    ``schedule``: the schedule the plan was made from, where known (:func:`make_plan`, :func:`plan_from_lambdas`):
+    a sampler that calls the model between the plan's levels (``fireflow``) reads the model time of any level
+    from it.
     """
 
     timesteps: np.ndarray
     a: np.ndarray
     b: np.ndarray
+    schedule: Schedule | None = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -281,7 +285,7 @@ class SamplingPlan:
         """The last ``k`` steps (1 <= k <= S): from level S - k, part-way noised, to the clean end."""
         if not 1 <= k <= len(self):
             raise ValueError(f"a plan of {len(self)} steps has no tail of {k}")
-        return SamplingPlan(self.timesteps[-k:], self.a[-k - 1 :], self.b[-k - 1 :])
+        return SamplingPlan(self.timesteps[-k:], self.a[-k - 1 :], self.b[-k - 1 :], self.schedule)
 
 
 def make_plan(schedule: Schedule, steps: int, spacing: str = "leading", steps_offset: int = 0) -> SamplingPlan:
@@ -303,9 +307,9 @@ def make_plan(schedule: Schedule, steps: int, spacing: str = "leading", steps_of
     ts = select_timesteps(T, steps, spacing, steps_offset, schedule.lambdas())
     if schedule.kind == "vp":
         abar = np.append(schedule.alphas_cumprod[ts], schedule.final_alpha_cumprod)
-        return SamplingPlan(ts.astype(np.float64), np.sqrt(abar), np.sqrt(1.0 - abar))
+        return SamplingPlan(ts.astype(np.float64), np.sqrt(abar), np.sqrt(1.0 - abar), schedule)
     sigmas = np.array([shift_sigma((t + 1) / T, schedule.shift) for t in ts] + [0.0])
-    return SamplingPlan(sigmas[:-1] * T, 1.0 - sigmas, sigmas)
+    return SamplingPlan(sigmas[:-1] * T, 1.0 - sigmas, sigmas, schedule)
 
 
 def plan_from_lambdas(schedule: Schedule, lambdas: Sequence[float]) -> SamplingPlan:
@@ -324,7 +328,7 @@ def plan_from_lambdas(schedule: Schedule, lambdas: Sequence[float]) -> SamplingP
     else:
         end = (1.0, 0.0)
     a, b = zip(*levels, end)
-    return SamplingPlan(ts, np.array(a, np.float64), np.array(b, np.float64))
+    return SamplingPlan(ts, np.array(a, np.float64), np.array(b, np.float64), schedule)
 
 
 def plan_from_levels(timesteps: Sequence[float], a: Sequence[float], b: Sequence[float]) -> SamplingPlan:

@@ -55,9 +55,10 @@ SpacingOpt = Annotated[
 ]
 SamplerOpt = Annotated[
     str,
-    typer.Option("--sampler", help="Sampler: ddim; bdia (exactly invertible, latent = the pair x_T, x_T-1); or "
+    typer.Option("--sampler", help="Sampler: ddim; bdia (exactly invertible, latent = the pair x_T, x_T-1); "
                  "deterministic multistep: dpm++2m, dpm++3m, unipc (DPM-Solver++ 2M with the UniC corrector), ipndm "
-                 "(4th-order Adams-Bashforth)."),
+                 "(4th-order Adams-Bashforth); or fireflow (FireFlow's midpoint step reusing the midpoint velocity: "
+                 "second order, steps + 1 model calls; --inversion plain is its own reversed scheme)."),
 ]
 ScheduleOpt = Annotated[
     Optional[Path],
