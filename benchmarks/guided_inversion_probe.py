@@ -27,13 +27,17 @@ Parts (each prints its own table; ``solve`` runs first whenever a later part nee
 * ``continuation``: continuation in w at that step from the unguided solution (w = 1, 1.25, ..., 3, each solve
   started from the last one).
 * ``control``: digits *sampled* under guidance (so every step has a preimage: the sampled trajectory), inverted with
-  the same solver: per step the residual and the distance of each solved state from the sampled one.
+  the same solver: per step the residual and the distance of each solved state from the sampled one; then the step
+  into the clean end alone by Newton-Krylov from plain inversion: does it find the sampled x_{S-1}?
+* ``gain`` (not in the default parts): how much a step's residual grows on the way to the decoded image.
+
+``solve``, ``control`` and ``gain`` use the exact inversion of the checkout they run in; the numbers of
+docs/guided-inversion.md's first sections came from commit 0b93190, whose solver was main's.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -45,7 +49,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ddimctl.data import load_builtin_dataset  # noqa: E402
-from ddimctl.inversion import InversionStats, _rms, _solve, invert_ddim  # noqa: E402
+from ddimctl.inversion import (  # noqa: E402
+    InversionStats, _rms, _solve, ddim_plan_update, invert_ddim, run_plan_updates, with_guidance,
+)
 from ddimctl.pipeline import Engine, SamplingOptions  # noqa: E402
 from ddimctl.sampler import ddim_step, model_times, sample  # noqa: E402
 
@@ -64,7 +70,7 @@ class Probe:
 
     def den(self, labels: torch.Tensor, w: float | None = None):
         d = self.engine._denoisers(self.engine.class_labels(labels))[1]
-        return dataclasses.replace(d, guidance_scale=self.w if w is None else w)
+        return with_guidance(d, self.w if w is None else w)
 
     def level(self, k: int) -> tuple[float, float]:
         return float(self.plan.a[k]), float(self.plan.b[k])
@@ -165,15 +171,14 @@ class Probe:
     def jacobian(self, den1, k: int, x: torch.Tensor, h: float = 1e-6, chunk: int = 128) -> torch.Tensor:
         """The full Jacobian (D, D) of step k at x (1, ...) by forward differences; ``den1`` for one image."""
         D = x[0].numel()
-        labels = den1.class_labels.expand(chunk)
-        dd = dataclasses.replace(den1, class_labels=labels)
+        dd = den1.select(torch.zeros(chunk, dtype=torch.long))  # the one image's denoiser, chunk times over
         fx = self.step(den1, k, x)
         cols = []
         for c0 in range(0, D, chunk):
             n = min(chunk, D - c0)
             P = x.expand(n, *x.shape[1:]).clone().flatten(1)
             P[torch.arange(n), torch.arange(c0, c0 + n)] += h
-            d = dd if n == chunk else dataclasses.replace(den1, class_labels=labels[:n])
+            d = dd if n == chunk else den1.select(torch.zeros(n, dtype=torch.long))
             cols.append((self.step(d, k, P.view(n, *x.shape[1:])) - fx).flatten(1) / h)
         return torch.cat(cols).T  # (out, in)
 
@@ -210,7 +215,6 @@ def fmt(v) -> str:
 def part_solve(p: Probe, x, y, tol: float, report: dict) -> dict:
     states: list[torch.Tensor] = []
     st = InversionStats()
-    c0 = p.calls
     with torch.inference_mode():
         invert_ddim(p.den(y), x, p.plan, exact=True, tol=tol, max_iter=50, stats=st,
                     callback=lambda info: states.append(info["x"].clone()))
@@ -313,14 +317,13 @@ def part_jacobian(p: Probe, nk: dict, n_images: int, report: dict) -> None:
         # the guided Jacobian for every w at the unguided solution: (1 - w) J_uncond + w J_cond
         ws = [1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0]
         print(f"\nat the unguided exact solution, the guided Jacobian for w = {', '.join(f'{w:g}' for w in ws)}:")
-        null = p.engine.null_label
         wrows = []
         for j, i in enumerate(nk["images"][:n_images]):
             x = nk["starts"]["unguided exact"][j : j + 1]
             lab = nk["y"][j : j + 1]
             base = p.engine._denoisers(p.engine.class_labels(lab))[1]
-            Jc = p.jacobian(dataclasses.replace(base, guidance_scale=1.0), k, x) / c
-            Ju = p.jacobian(dataclasses.replace(base, guidance_scale=1.0, class_labels=torch.full_like(lab, null)), k, x) / c
+            Jc = p.jacobian(with_guidance(base, 1.0), k, x) / c  # the conditional output alone
+            Ju = p.jacobian(with_guidance(base, 0.0), k, x) / c  # the unconditional output alone
             svs, eigs = [], []
             for w in ws:
                 Jw = (1 - w) * Ju + w * Jc
@@ -371,6 +374,49 @@ def part_control(p: Probe, n: int, tol: float, report: dict) -> None:
         dist.append(dm.tolist())
         print(f"| {m} | {st.residuals[m]:.1e} | {st.iterations[m]} | {fmt(dm)} |")
     report["control"] = {"residuals": st.residuals, "iterations": st.iterations, "distance": dist}
+    # the step into the clean end alone, where the sampled x_{S-1} is an exact preimage: Newton-Krylov from plain
+    k = p.S - 1
+    with torch.inference_mode():
+        start = p.plain(dg, k, x0)
+        x, res, hist = p.newton_krylov(lambda z: p.step(dg, k, z), start, x0, 20, 5, trust=False)
+    d_start, d_end = _rms(start - traj[k]), _rms(x - traj[k])
+    print(f"\nthe step into the clean end alone, Newton-Krylov (GMRES(20), line search, 5 steps) from plain inversion: "
+          f"residual per image {fmt(hist[0])} -> {fmt(res)}; distance from the sampled x_{k} {fmt(d_start)} -> "
+          f"{fmt(d_end)}")
+    report["control"]["clean_end"] = {"residual": [h.tolist() for h in hist], "distance_start": d_start.tolist(),
+                                      "distance_end": d_end.tolist()}
+
+
+def part_gain(p: Probe, x, y, tol: float, report: dict) -> None:
+    """How much a step's residual grows on the way to the decoded image under guidance: the solve's own residual
+    vector at level k + 1 (and a random one), scaled to RMS 1e-3, added to x_{k+1} and decoded from there."""
+    den = p.den(y)
+    st = InversionStats()
+    st.keep_offsets = True
+    states: list[torch.Tensor] = []
+    with torch.inference_mode():
+        invert_ddim(den, x, p.plan, exact=True, tol=tol, max_iter=50, stats=st,
+                    callback=lambda info: states.append(info["x"].clone()))
+        g = torch.Generator().manual_seed(0)
+        print(f"\n## gain: decoded change / perturbation (RMS 1e-3 at level k+1), w = {p.w:g}, median / max over "
+              f"{len(x)} digits (the solve's tolerance assumes at most |w| + |1 - w| = {abs(p.w) + abs(1 - p.w):g})\n")
+        print("| level k+1 | sigma | the solve's residual direction | a random direction |\n|---|---|---|---|")
+        rows = []
+        for k in range(p.S - 1):
+            tail = p.plan.tail(p.S - k - 1)
+            xk1 = states[p.S - 2 - k]
+            base = run_plan_updates(ddim_plan_update, den, xk1, tail, offsets=st.offsets[k + 1:])
+            out = []
+            for kind in ("residual", "random"):
+                d = st.offsets[k] if kind == "residual" else torch.randn(xk1.shape, generator=g, dtype=xk1.dtype)
+                d = d / _rms(d).view(-1, *[1] * (d.ndim - 1)).to(d.dtype) * 1e-3
+                dec = run_plan_updates(ddim_plan_update, den, xk1 + d, tail, offsets=st.offsets[k + 1:])
+                out.append(_rms(dec - base) / 1e-3)
+            a, b = p.level(k + 1)
+            rows.append({"level": k + 1, "residual": out[0].tolist(), "random": out[1].tolist()})
+            print(f"| {k + 1} | {b / a:.3g} | {float(out[0].median()):.2f} / {float(out[0].max()):.2f} | "
+                  f"{float(out[1].median()):.2f} / {float(out[1].max()):.2f} |", flush=True)
+    report["gain"] = rows
 
 
 def main() -> None:
@@ -410,6 +456,8 @@ def main() -> None:
         part_continuation(p, nk, report)
     if "control" in parts:
         part_control(p, args.samples, args.tol, report)
+    if "gain" in parts:
+        part_gain(p, x, y, args.tol, report)
     print(f"\n({p.calls} model calls, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
