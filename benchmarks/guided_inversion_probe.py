@@ -353,7 +353,7 @@ def part_continuation(p: Probe, nk: dict, report: dict) -> None:
     report["continuation"] = {"w": ws, "residuals": rows}
 
 
-def part_control(p: Probe, n: int, tol: float, report: dict) -> None:
+def part_control(p: Probe, n: int, tol: float, report: dict, max_iter: int = 50) -> None:
     y = torch.arange(n) % 10
     xT = torch.randn(n, 1, *p.engine.latent_shape[1:], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     dg = p.den(y)
@@ -362,9 +362,10 @@ def part_control(p: Probe, n: int, tol: float, report: dict) -> None:
     st = InversionStats()
     with torch.inference_mode():
         x0 = sample(dg, xT, p.plan, "ddim", 0.0, None, lambda info: traj.append(info["x"].clone()))
-        invert_ddim(dg, x0, p.plan, exact=True, tol=tol, max_iter=50, stats=st,
+        invert_ddim(dg, x0, p.plan, exact=True, tol=tol, max_iter=max_iter, stats=st,
                     callback=lambda info: states.append(info["x"].clone()))
-    print(f"\n## control: {n} digits sampled under w = {p.w:g} (labels 0, 1, ...; seed 0), inverted as before\n")
+    print(f"\n## control: {n} digits sampled under w = {p.w:g} (labels 0, 1, ...; seed 0), inverted with tol {tol:g}, "
+          f"max-iter {max_iter}\n")
     print("| inverse step n | max residual | max iterations | distance of the solved state from the sampled one, "
           "per image (RMS) |")
     print("|---|---|---|---|")
@@ -432,6 +433,8 @@ def main() -> None:
     ap.add_argument("--jacobian-images", type=int, default=2)
     ap.add_argument("--krylov", type=int, default=20)
     ap.add_argument("--samples", type=int, default=8, help="guided samples in the control part")
+    ap.add_argument("--control-tol", type=float, help="the control part's tol (default: --tol)")
+    ap.add_argument("--control-max-iter", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -455,7 +458,7 @@ def main() -> None:
     if "continuation" in parts:
         part_continuation(p, nk, report)
     if "control" in parts:
-        part_control(p, args.samples, args.tol, report)
+        part_control(p, args.samples, args.control_tol or args.tol, report, args.control_max_iter)
     if "gain" in parts:
         part_gain(p, x, y, args.tol, report)
     print(f"\n({p.calls} model calls, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
