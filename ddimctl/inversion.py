@@ -42,6 +42,15 @@ from .schedule import SamplingPlan
 PlanUpdate = Callable[[SamplingPlan, int, Tensor, Sequence["tuple[Tensor, Tensor]"]], Tensor]
 
 SOLVERS = ("improved", "anderson")
+#: an image's solve of a step stops when its residual has not fallen to STALL_PROGRESS x in STALL_WINDOW // 2 model
+#: calls of its own within 10x of the tolerance, and under guidance also in STALL_WINDOW calls further off: see
+#: _solve (without guidance a step has no fold, and a slow solve of a huge step, as a tuned 3-step plan's last,
+#: still gets there; nor on the step into the clean end, whose residual is the decoded image's miss)
+STALL_WINDOW = 6
+STALL_PROGRESS = 0.5
+#: the step into the clean end stops once a Newton-Krylov step removed less than this share of its residual (and it
+#: is within 10x of its tolerance): see _solve
+FLOOR_GAIN = 0.6
 _S2 = 0.25  # data variance of the Gaussian surrogate whose denoiser Jacobian preconditions the multistep solve
 
 
@@ -55,12 +64,18 @@ def _select(denoise, idx: Tensor):
 class InversionStats:
     """What an inversion cost and reached.
 
-    ``model_calls``: batched model evaluations. ``residuals[k]``: the largest per-image RMS of (forward step -
-    known point) after the k-th inverse step (from the clean end; NaN for plain inversion, which does not solve);
-    ``iterations[k]``: the most iterations an image spent on it. ``image_iterations[k][i]`` and
-    ``image_residuals[k][i]``: the same for image i alone; ``image_calls[i]``: the model evaluations image i
-    needed (what it costs inverted on its own). ``sweeps``: backward sweeps of a multistep inversion (1 for DDIM);
-    ``krylov_steps``: Newton-Krylov steps taken where the frozen-model iteration stalled.
+    ``model_calls``: batched model calls (forwards launched; a call that evaluates only the images of a batch still
+    solving counts once). ``residuals[k]``: the largest per-image RMS of (forward step - known point) after the
+    k-th inverse step (from the clean end; NaN for plain inversion, which does not solve); ``iterations[k]``: the
+    most iterations an image spent on it. ``image_iterations[k][i]`` and ``image_residuals[k][i]``: the same for
+    image i alone; ``image_calls[i]``: the model evaluations image i caused (every solver evaluates only the images
+    still solving, so this is what it costs inverted on its own, and does not depend on its batch);
+    :attr:`evaluations`: their sum, the batch's total. ``sweeps``: backward sweeps of a multistep inversion (1 for
+    DDIM); ``krylov_steps``: Newton-Krylov steps taken where the frozen-model iteration stalled.
+
+    ``keep_offsets``: set it before an exact inversion to have ``offsets[k]`` (plan order, each (B, ...)) hold
+    what step k's solve left, ``x_{k+1} - update(x_k)``: :func:`run_plan_updates` with these offsets retraces the
+    inversion exactly, wherever the solve stopped short (docs/guided-inversion.md).
     """
 
     model_calls: int = 0
@@ -76,6 +91,13 @@ class InversionStats:
     #: (its decode landed closer), and the RMS (model units) by which the kept latent's decode misses the input
     image_plain_kept: list[bool] | None = None
     image_round_trip: list[float] | None = None
+    keep_offsets: bool = False
+    offsets: list[Tensor] | None = None
+
+    @property
+    def evaluations(self) -> int:
+        """Model evaluations of single images in all (the sum of ``image_calls``): what the batch cost."""
+        return sum(self.image_calls)
 
     @property
     def max_residual(self) -> float:
@@ -170,15 +192,18 @@ def unipc_plan_update(plan: SamplingPlan, k: int, x: Tensor, outs: Sequence[tupl
 
 
 def run_plan_updates(update: PlanUpdate, denoise: Denoise, x: Tensor, plan: SamplingPlan,
-                     callback: Callback | None = None) -> Tensor:
+                     callback: Callback | None = None, offsets: Sequence[Tensor | None] | None = None) -> Tensor:
     """Sample with a plan update (one model call per step): the forward direction of :func:`invert_multistep`.
-    For a registered sampler it equals the sampler itself (tested)."""
+    For a registered sampler it equals the sampler itself (tested). ``offsets[k]`` (None: none), added after step
+    k, are what an exact inversion's solve left (``InversionStats.offsets``): with them the sample retraces it."""
     ts = model_times(plan, x)
-    B, S = x.shape[0], len(plan)
+    S = len(plan)
     outs: list[tuple[Tensor, Tensor]] = []
     for k in range(S):
         outs.append(denoise(x, ts[k : k + 1], plan.a[k], plan.b[k]))
         x = update(plan, k, x, outs)
+        if offsets is not None and offsets[k] is not None:
+            x = x + offsets[k].to(x.dtype)
         if callback is not None:
             callback({"step": k + 1, "total": S, "x": x, "x0": outs[k][0]})
     return x
@@ -295,10 +320,18 @@ def invert_multistep(
     * a stopping rule on the decoded image: ``tol`` is the RMS error (model units) that the solve may leave in
       the decoded sample, shared out as ``tol / sqrt(S)`` per step; a step stops when its residual, times the
       most a perturbation at level k+1 can grow on the way to the data (1 for VP data of std <= 1, sqrt(2) for
-      flow; times |w| + |1 - w| under classifier-free guidance of scale w), is below that share, or when the last iteration changed the denoised estimate at x_k (a one-step
-      decode) by less than a tenth of it while the residual is within 10x of its bound: the iteration then
-      stalls only in directions the denoiser ignores, which decoding does not see (a residual further off is a
-      genuine stall, and the step goes on to ``max_iter``).
+      flow; times |w| + |1 - w| under classifier-free guidance of scale w, except on the step into the clean end,
+      whose residual is the decoded miss itself), is below that share, or when the last iteration changed the
+      denoised estimate at x_k (a one-step decode) by less than a tenth of it while the residual is within 10x of
+      its bound: the iteration then stalls only in directions the denoiser ignores, which decoding does not see;
+      or when the residual has stopped falling (``STALL_WINDOW``: within 10x of the bound, a floor of what the
+      model can produce; further off, under guidance only, a fold of the step map with no preimage nearby,
+      docs/guided-inversion.md);
+    * the step into the clean end by Newton-Krylov from its first iterate, stopped at the floor of what the model
+      can produce (``FLOOR_GAIN``).
+
+    ``stats.keep_offsets``: record what each step's solve left (``stats.offsets``), so that
+    :func:`run_plan_updates` with them retraces the inversion exactly where the solve stopped short.
 
     ``solver="anderson"``: the earlier solve (plain-inversion first guess with its own model call, ``tol`` on the
     RMS residual of every step, no Krylov step).
@@ -338,9 +371,11 @@ def _invert_multistep(update, denoise, x0, plan, callback, tol, max_iter, stats,
     calls = torch.zeros(B, dtype=torch.long, device=x0.device)
     # classifier-free guidance mixes two model outputs with weights w and 1 - w: a perturbation's effect on the
     # decoded image can grow by |w| + |1 - w| (1 without guidance)
+    # (the step into the clean end is the exception: its residual is the decoded image's miss itself, with no
+    # model call after it to amplify it)
     guide = float(getattr(denoise, "guidance_gain", 1.0))
-    gains = [guide * a_clean / math.hypot(float(plan.a[k + 1]), float(plan.b[k + 1])) if improved else 1.0
-             for k in range(S)]
+    gains = [(guide if k < S - 1 else 1.0) * a_clean / math.hypot(float(plan.a[k + 1]), float(plan.b[k + 1]))
+             if improved else 1.0 for k in range(S)]
     need = torch.ones(B, dtype=torch.bool, device=x0.device)
     for sweep in range(1):
         stats.sweeps += 1
@@ -379,9 +414,12 @@ def _invert_multistep(update, denoise, x0, plan, callback, tol, max_iter, stats,
                 stats.model_calls += 1
                 calls += 1
                 guess = ddim_step(p_x0, p_eps, a, b)
+            # the step into the clean end (x_{k+1} = the data): Newton-Krylov from the start (see _solve)
+            clean_end = improved and krylov and k == S - 1 and float(plan.b[S]) == 0.0
             res = _solve(evaluate, target, guess, c, need, tol_res=share / gains[k],
                          tol_change=_change_tolerance(share, a_clean, a, b) if improved else None, max_iter=max_iter,
-                         krylov=krylov and improved, stats=stats)
+                         krylov=krylov and improved, stats=stats, krylov_first=clean_end,
+                         stall_window=STALL_WINDOW if improved else None, stall_far=guide > 1.0 and not clean_end)
             if first:
                 xs[k], outs[k] = res.x, (res.x0, res.eps)
             else:  # images that needed no new sweep keep what they had
@@ -394,9 +432,13 @@ def _invert_multistep(update, denoise, x0, plan, callback, tol, max_iter, stats,
                 callback({"step": n + 1, "total": S, "x": xs[k], "x0": outs[k][0]})
     if uses_memory:
         _global_newton(update, denoise, plan, ts, xs, outs, gains, share, max_sweeps, stats, calls, step_iters)
+    if stats.keep_offsets:
+        stats.offsets = [None] * S
     for n, k in enumerate(range(S - 1, -1, -1)):
-        residual = _rms(update(plan, k, xs[k], list(outs[: k + 1])) - xs[k + 1])
-        stats._record(residual, step_iters[n], calls if n == 0 else torch.zeros_like(calls))
+        miss = xs[k + 1] - update(plan, k, xs[k], list(outs[: k + 1]))
+        if stats.keep_offsets:
+            stats.offsets[k] = miss
+        stats._record(_rms(miss), step_iters[n], calls if n == 0 else torch.zeros_like(calls))
     return xs[0]
 
 
@@ -566,12 +608,28 @@ class _Solution:
 
 
 def _solve(evaluate, target, guess, coeff, active, *, tol_res, tol_change, max_iter, krylov, stats,
-           memory: int = 4, krylov_dim: int = 4, fd_step: float = 1e-3) -> _Solution:
+           memory: int = 4, krylov_dim: int = 4, fd_step: float = 1e-3, krylov_first: bool = False,
+           stall_window: int | None = None, stall_far: bool = True) -> _Solution:
     """Solve ``evaluate(x)[0] == target`` for the ``active`` images; the others come back as ``guess`` with no work.
 
-    ``evaluate(x, idx) -> (x_to, (x0_hat, eps_hat))``: one model call at x for the images ``idx``. Each image keeps
-    its own Anderson history, residual and stopping point, so its result does not depend on the others in its
-    batch; the best iterate (lowest residual) is returned with the model's outputs there.
+    ``evaluate(x, idx) -> (x_to, (x0_hat, eps_hat))``: one model call at x for the images ``idx``: only the images
+    still solving are evaluated, and ``calls`` counts each image's own. Each image keeps its own Anderson history,
+    residual and stopping point, so its result does not depend on the others in its batch; the best iterate
+    (lowest residual) is returned with the model's outputs there.
+
+    ``krylov_first``: every iteration is a Newton-Krylov step (where the budget allows one) until one makes the
+    residual worse (then that image goes on as without it), and an image stops once a Krylov step removed less
+    than :data:`FLOOR_GAIN` of its residual while it is within 10x of ``tol_res``.
+    For the step into the clean end, where the frozen-model slope (x0_hat following x) is wrong in every direction
+    the denoiser smooths: frozen-model iterations do not reduce the residual there, they only move x along those
+    directions, and the backward walk then multiplies that drift by sigma_k / sigma_k+1 at every further step
+    (docs/guided-inversion.md). What is left is the part of the image the model cannot produce (for a real digit
+    about 2e-3 RMS on the built-in models), and the residual there is the decoded image's miss itself.
+    ``stall_window``: an image also stops when its best residual has not fallen to :data:`STALL_PROGRESS` times
+    its value within that many of its own model calls (half as many within 10x of ``tol_res``, where what is left
+    is a floor of what the model can produce); further off only with ``stall_far``: a residual that has stopped
+    falling there, as under guidance at a fold of the step map with no preimage nearby, is not worth further
+    iterations, while without guidance a slow solve of a huge step still gets there.
     """
     B = target.shape[0]
     dev = target.device
@@ -591,6 +649,11 @@ def _solve(evaluate, target, guess, coeff, active, *, tol_res, tol_change, max_i
     hist_from = torch.zeros(B, dtype=torch.long, device=dev)  # per image: history entries before this are void
     kry_count = torch.zeros(B, dtype=torch.long, device=dev)
     damp = torch.ones(B, dtype=torch.float64, device=dev)  # the safeguard's step length (see below)
+    kry_from = torch.full((B,), math.inf, dtype=torch.float64, device=dev)  # best residual when the last Krylov step began
+    kf = torch.full((B,), bool(krylov_first), dtype=torch.bool, device=dev)  # per image: Newton-Krylov first still
+    last_kry = torch.zeros(B, dtype=torch.bool, device=dev)  # per image: the iterate just evaluated is a Krylov step's
+    mark_res = torch.full((B,), math.inf, dtype=torch.float64, device=dev)  # stall window: the residual to beat
+    mark_it = torch.zeros(B, dtype=torch.long, device=dev)  # ... and the image's calls when it was set
     while bool(act.any()):
         idx = act.nonzero().flatten()
         x_to_i, (x0_i, eps_i) = evaluate(x[idx], idx)
@@ -612,6 +675,19 @@ def _solve(evaluate, target, guess, coeff, active, *, tol_res, tol_change, max_i
         done = (res <= tol_res) | ~torch.isfinite(res) | (res > 1e3 * best_res.clamp(min=tol_res))
         if tol_change and prev_x0 is not None:  # stalled only where decoding does not look (see the docstring)
             done |= (_rms(x0 - prev_x0) <= tol_change) & (res <= 10 * tol_res)
+        if krylov_first:
+            # a Krylov step that made things worse (far from the solution, where the linear model is poor): that
+            # image goes on with the frozen-model iteration; one that gained less than FLOOR_GAIN: the floor
+            kf &= ~(last_kry & ~better)
+            done |= act & kf & torch.isfinite(kry_from) & (best_res > kry_from * (1.0 - FLOOR_GAIN)) & (best_res <= 10 * tol_res)
+        if stall_window is not None:
+            progress = best_res < STALL_PROGRESS * mark_res
+            mark_res = torch.where(progress, best_res, mark_res)
+            mark_it = torch.where(progress, calls, mark_it)
+            # half the window within 10x of the tolerance: a floor of what the model can produce, not a solve far off
+            near = best_res <= 10 * tol_res
+            window = torch.where(near, stall_window // 2, stall_window)
+            done |= act & (calls - mark_it >= window) & (near | stall_far)
         act = act & ~done & (iters < max_iter)  # each image's own budget (Krylov calls count in it)
         prev_x0 = x0
         res_hist.append(res)
@@ -649,22 +725,27 @@ def _solve(evaluate, target, guess, coeff, active, *, tol_res, tol_change, max_i
             hist_from = torch.where(worse, torch.full_like(hist_from, len(fs)), hist_from)
         damp = torch.where(worse, damp * 0.5, damp)
         # Newton-Krylov where the frozen-model iteration stalls
+        stalled = torch.zeros_like(act)
         if krylov and len(res_hist) >= 4:
             # at most two within 10x of the tolerance (where the frozen-model iteration usually finishes the job); as many
             # as the budget allows while the residual is still far off (a huge step, as a tuned 3-step plan's
             # last, where the frozen-model slope is off by orders of magnitude)
             far = res > 10 * tol_res
             stalled = act & (res > 0.5 * res_hist[-4]) & ((kry_count < 2) | far) & (iters + krylov_dim < max_iter)
-            if bool(stalled.any()):
-                sidx = stalled.nonzero().flatten()
-                delta, used = _gmres_step(evaluate, best_x[sidx], best_to[sidx], target[sidx], sidx, krylov_dim,
-                                          fd_step)
-                calls[sidx] += used
-                iters[sidx] += used
-                stats.krylov_steps += 1
-                kry_count[sidx] += 1
-                x_new[sidx] = best_x[sidx] + delta
-                hist_from[sidx] = len(fs)  # the Anderson history restarts at the Newton point
+        if krylov:
+            stalled = torch.where(kf, act & (iters + krylov_dim < max_iter), stalled)
+        last_kry = stalled
+        if bool(stalled.any()):
+            sidx = stalled.nonzero().flatten()
+            delta, used = _gmres_step(evaluate, best_x[sidx], best_to[sidx], target[sidx], sidx, krylov_dim,
+                                      fd_step)
+            calls[sidx] += used
+            iters[sidx] += used
+            stats.krylov_steps += 1
+            kry_count[sidx] += 1
+            kry_from[sidx] = best_res[sidx]
+            x_new[sidx] = best_x[sidx] + delta
+            hist_from[sidx] = len(fs)  # the Anderson history restarts at the Newton point
         x = torch.where(_bcast(act, x), x_new, x)
     # images never evaluated (inactive from the start) keep their guess
     untouched = ~torch.isfinite(best_res) & ~active
