@@ -134,8 +134,14 @@ class Reconstruction:
 
     @property
     def model_calls(self) -> int:
-        """Batched model evaluations for invert + decode."""
+        """Batched model calls for invert + decode (forwards launched for the batch)."""
         return self.stats.model_calls + self.decode_calls
+
+    @property
+    def image_calls(self) -> list[int]:
+        """Per image: the model evaluations it caused (its own solve, which does not depend on its batch, and the
+        decode)."""
+        return [c + self.decode_calls for c in self.stats.image_calls]
 
 
 @dataclass

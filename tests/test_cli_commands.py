@@ -157,6 +157,30 @@ def test_invert_reads_paths_from_stdin_and_directories(tiny_rgb, tmp_path):
     assert r.stderr == ""
 
 
+def test_reconstruct_charges_each_image_the_evaluations_it_caused_whatever_its_batch(tmp_path):
+    """Exact inversion evaluates only the images still solving: an image's model_calls are its own (the same in a
+    batch of 3 as alone), the report's image_evaluations their sum, and its model_calls the forwards launched."""
+    from ddimctl.data import load_builtin_dataset
+    from ddimctl.images import save_png
+
+    digits = load_builtin_dataset("mnist-test", 32)
+    src = tmp_path / "digits"
+    src.mkdir()
+    for i in (0, 100, 200):
+        save_png(digits[i], src / f"d{i:03d}.png")
+    docs = {}
+    for bs in (3, 1):
+        r = ok("reconstruct", src, "--model", "mnist", "--steps", 5, "--batch-size", bs, "--out", tmp_path / f"b{bs}",
+               "--json")
+        docs[bs] = json.loads(r.stdout)
+    calls = {bs: [rec["model_calls"] for rec in d["images"]] for bs, d in docs.items()}
+    assert calls[3] == calls[1] and min(calls[3]) > 2 * 5
+    for bs, d in docs.items():
+        assert d["image_evaluations"] == sum(calls[bs])
+    assert docs[1]["model_calls"] == docs[1]["image_evaluations"]  # alone, every forward is one image's
+    assert max(calls[3]) <= docs[3]["model_calls"] < docs[3]["image_evaluations"]  # shared forwards
+
+
 def test_reconstruct_reports_mse_and_exact_beats_plain(tiny_rgb, tmp_path):
     photo = _photo(tmp_path)
     docs = {}

@@ -45,11 +45,13 @@ def edit(
         for chunk, x0, infos, conditions in job.run():
             result = engine.edit(x0, conditions, [targets[i] for i in chunk], strength,
                                  lambda info: bar.advance(len(chunk)))
+            job.count(result.stats.model_calls + result.steps,
+                      result.stats.evaluations + result.steps * len(chunk))
             ok = finite_or_note(result.edited, [str(job.paths[i]) for i in chunk], rep)
             edited = result.edited.float().cpu()
             for j, i in enumerate(chunk):
                 to = {f"to_{k}": v for k, v in engine.record(targets[i]).items()}
-                if job.keep(ok[j], i, j, infos[j], result.stats.model_calls + result.steps, result.stats,
+                if job.keep(ok[j], i, j, infos[j], result.stats.image_calls[j] + result.steps, result.stats,
                             **to, mse_to_source=float(result.mse[j]), compare=str(compares[i])):
                     save_png(edited[j], job.targets[i])
                     save_png(side_by_side(x0[j], edited[j]), compares[i])

@@ -39,11 +39,12 @@ def invert(
     with rep.progress("inverting", job.computed * len(engine.plan)) as bar:
         for chunk, x0, infos, conditions in job.run():
             inv = engine.invert(x0, lambda info: bar.advance(len(chunk)), conditions)
+            job.count(inv.stats.model_calls, inv.stats.evaluations)
             x_T = inv.x_T.float().cpu()
             ok = finite_or_note(x_T, [str(job.paths[i]) for i in chunk], rep)
             x_prev = None if inv.x_prev is None else inv.x_prev.float().cpu()
             for j, i in enumerate(chunk):
-                if job.keep(ok[j], i, j, infos[j], inv.stats.model_calls, inv.stats):
+                if job.keep(ok[j], i, j, infos[j], inv.stats.image_calls[j], inv.stats):
                     save_latents(job.targets[i], x_T[j : j + 1], {**engine.provenance(), **infos[j]},
                                  latents_prev=None if x_prev is None else x_prev[j : j + 1])
                     rep.output(job.targets[i])
@@ -72,13 +73,14 @@ def reconstruct(
     with rep.progress("reconstructing", job.computed * 2 * len(engine.plan)) as bar:
         for chunk, x0, infos, conditions in job.run():
             rec = engine.reconstruct(x0, lambda info: bar.advance(len(chunk)), conditions)
+            job.count(rec.model_calls, sum(rec.image_calls))
             names = [str(job.paths[i]) for i in chunk]
             ok = [a and b for a, b in zip(finite_or_note(rec.x_T, names, rep), finite_or_note(rec.x0, names, rep))]
             x_rec = rec.x0.float().cpu()
             for j, i in enumerate(chunk):
                 extra = {} if rec.autoencoder_mse is None else {"autoencoder_mse": float(rec.autoencoder_mse[j]),
                                                                 "inversion_mse": float(rec.inversion_mse[j])}
-                if job.keep(ok[j], i, j, infos[j], rec.model_calls, rec.stats,
+                if job.keep(ok[j], i, j, infos[j], rec.image_calls[j], rec.stats,
                             mse=float(rec.mse[j]), psnr=float(rec.psnr[j]), compare=str(compares[i]), **extra):
                     save_png(x_rec[j], job.targets[i])
                     save_png(side_by_side(x0[j], x_rec[j]), compares[i])
@@ -104,6 +106,7 @@ class _InversionJob:
         self.targets = output_names(self.paths, out, suffix)
         self.records: list[dict[str, Any]] = []
         self.failed: list[str] = []
+        self.batch_calls = self.evaluations = 0
 
     def start(self, loading: ModelLoading, sampling: Sampling, inversion: Inversion, conditioning: Conditioning,
               outputs: Outputs):
@@ -132,8 +135,14 @@ class _InversionJob:
                     info.update(self.engine.record(value))
             yield chunk, x0, infos, conditions
 
+    def count(self, batch_calls: int, evaluations: int) -> None:
+        """Add one batch's cost: the model calls it launched (each evaluates only the images still solving) and
+        the evaluations of single images they made."""
+        self.batch_calls += batch_calls
+        self.evaluations += evaluations
+
     def keep(self, ok: bool, i: int, j: int, info: dict, calls: int, stats, **extra: Any) -> bool:
-        """Record image i's result, j-th of its batch (calls: batched model evaluations for its batch); False when
+        """Record image i's result, j-th of its batch (calls: the model evaluations the image caused); False when
         it failed or was computed only to keep its batch as the run being completed had it (its output exists).
         Exact inversion adds, per inverse step from the clean end, the iterations the image took and the RMS
         residual it reached."""
@@ -157,5 +166,6 @@ class _InversionJob:
         if self.failed:
             raise NumericsError(f"{len(self.failed)} images gave NaN or inf values and were not written: "
                                 f"{', '.join(self.failed[:5])}")
-        self.rep.finish(report_doc(command_name, self.engine, inversion=self.options.inversion, images=self.records,
-                                   **fields))
+        self.rep.finish(report_doc(command_name, self.engine, inversion=self.options.inversion,
+                                   model_calls=self.batch_calls, image_evaluations=self.evaluations,
+                                   images=self.records, **fields))
