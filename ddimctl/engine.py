@@ -31,7 +31,11 @@ from .sampler import SAMPLERS, ddim_step, make_generators, model_times, randn, s
 from .schedule import SPACINGS, SamplingPlan
 from .settings import SamplerSettings
 
-INVERSIONS = ("exact", "plain")
+INVERSIONS = ("exact", "plain", "negative-prompt", "null-text")
+#: Inversions that solve each step exactly (negative-prompt: exact inversion with the null condition := the source)
+EXACT_INVERSIONS = ("exact", "negative-prompt")
+#: Inversions that change the null condition of classifier-free guidance (docs/inversion.md)
+GUIDED_INVERSIONS = ("negative-prompt", "null-text")
 #: Samplers whose latent is a pair (x_T, x_{T-1}) of states rather than x_T alone.
 PAIR_SAMPLERS = ("bdia",)
 #: Samplers that make S + 1 model calls for S steps.
@@ -60,7 +64,7 @@ class SamplingOptions:
     eta: float = 0.0
     sampler: str = "ddim"
     spacing: str | None = None  # None: the checkpoint's (logsnr for the multistep samplers on VP models)
-    inversion: str = "exact"  # "exact" | "plain"
+    inversion: str = "exact"  # "exact" | "plain" | "negative-prompt" | "null-text" (INVERSIONS)
     tol: float = 3e-3  # exact inversion: RMS error (model units) it may leave in the decoded image
     max_iter: int = 50
     clip_sample: bool | None = None  # None: the checkpoint's
@@ -101,6 +105,9 @@ class SamplingOptions:
             raise SettingError(("guidance_scale", self.guidance_scale), "must be >= 0 (1: no guidance)")
         if self.sampler == "bdia" and self.steps < 2:
             raise SettingError(("steps", self.steps), "the bdia sampler needs at least 2 steps")
+        if self.inversion == "null-text" and self.sampler != "ddim":
+            raise SettingError([("inversion", self.inversion), ("sampler", self.sampler)],
+                               "null-text inversion optimises DDIM steps: use the ddim sampler")
         if self.sampler == "bdia" and self.inversion == "plain":
             raise SettingError([("sampler", self.sampler), ("inversion", self.inversion)],
                                "the bdia sampler inverts exactly by construction: use exact inversion")
@@ -114,6 +121,10 @@ class Inverted:
     x_T: Tensor
     x_prev: Tensor | None
     stats: InversionStats
+    #: null-text inversion: step k's optimised null condition (continuous, :func:`ddimctl.null_text.continuous`),
+    #: plan order, for :meth:`Engine.decode`; and the state its walk reached (what decoding with them gives back)
+    nulls: list | None = None
+    reached: Tensor | None = None
 
 
 @dataclass
@@ -184,6 +195,8 @@ class Engine:
         if w is None and options.inverting and self.conditioner.guidance == "classifier-free":
             w = 1.0  # inversion is exact at w = 1 and its latent decodes back at the same w (README: Models)
         self.guidance_scale = self.conditioner.scale(ConditionOptions(guidance_scale=w))
+        if options.inversion in GUIDED_INVERSIONS:
+            self._check_guided_inversion(options.inversion)
         self.image_shape, self.latent_shape = model.shapes(options.height, options.width)
         T = model.settings.num_train_timesteps
         if options.steps > T:
@@ -204,6 +217,23 @@ class Engine:
         # Clipping or thresholding x0_hat makes the step many-to-one, so no inversion can undo it: invert, and
         # decode (which must retrace an inversion), run the plain ODE.
         self.ode_settings = self.settings.with_overrides(clip_sample=False, thresholding=False)
+
+    def _check_guided_inversion(self, inversion: str) -> None:
+        """Refuse negative-prompt / null-text inversion for a model they cannot change (one line naming the option)."""
+        c = self.conditioner
+        if c.guidance != "classifier-free":
+            why = ("takes its guidance as an input (guidance-distilled), with no null condition" if c.guidance == "embedded"
+                   else "is not guided")
+            raise SettingError(("inversion", inversion), f"changes the null condition of classifier-free guidance, "
+                               f"and this model {why}: use exact or plain")
+        if inversion == "null-text":
+            if getattr(c, "null_label", 0) is None:
+                raise SettingError(("inversion", inversion), "the model declares no null class label to start the "
+                                   "optimisation from: use exact or plain")
+            if self.guidance_scale == 1.0:
+                raise SettingError([("inversion", inversion), ("guidance_scale", 1.0)],
+                                   "null-text inversion optimises the null condition of a guided model: give a "
+                                   "guidance scale other than 1")
 
     @classmethod
     def load(
@@ -264,16 +294,28 @@ class Engine:
         """What reports and latent files record of one image's condition."""
         return self.conditioner.record(value) if value is not None else {}
 
-    def denoisers(self, conditions: Sequence[Any] | None, n: int, guidance_scale: float | None = None
-                  ) -> tuple[Denoiser, Denoiser]:
+    def denoisers(self, conditions: Sequence[Any] | None, n: int, guidance_scale: float | None = None,
+                  null_conditions: Sequence[Any] | None = None) -> tuple[Denoiser, Denoiser]:
         """(sampling denoiser, ODE denoiser) for a batch of ``n`` images with these conditions, guided with the
-        engine's scale (or ``guidance_scale``)."""
+        engine's scale (or ``guidance_scale``). ``null_conditions``: condition values (one per image) that
+        classifier-free guidance guides away from instead of the model's null condition (negative-prompt
+        inversion: the source's); where they equal ``conditions`` guidance has no effect, and the model is the
+        conditional one alone (one forward of the batch, not two)."""
         values = None if conditions is None else list(conditions)
         self.conditioner.check(values)
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         cond = self.conditioner.encode(values, n, self.device)
         guided = w != 1.0 and self.conditioner.guidance == "classifier-free"  # an embedded guidance needs no null
-        uncond = self.conditioner.null(values, n, self.device) if guided else None
+        uncond = None
+        if guided and null_conditions is not None:
+            nulls = list(null_conditions)
+            if nulls == values:
+                guided, w = False, 1.0  # uncond + w (cond - uncond) = cond
+            else:
+                self.conditioner.check(nulls)
+                uncond = self.conditioner.encode(nulls, n, self.device)
+        elif guided:
+            uncond = self.conditioner.null(values, n, self.device)
         model = guide(self._call_network, self.conditioner, cond, uncond, w)
         return self.settings.denoiser(model), self.ode_settings.denoiser(model)
 
@@ -430,13 +472,57 @@ class Engine:
         """x_T (B, C, H, W) whose eta = 0 sample with this sampler is x0 (and, for a pair sampler, the latent's
         second state x_{T-1}), and what the inversion cost."""
         self.check_invertible()
-        _, ode = self.denoisers(conditions, x0.shape[0])
+        if self.options.inversion == "null-text":
+            return self._invert_null_text(x0, callback, conditions, plan or self.plan)
+        _, ode = self.denoisers(conditions, x0.shape[0], null_conditions=self._source_nulls(conditions))
         stats = InversionStats()
         x, x_prev = INVERT_FUNCTIONS[self.options.sampler](
-            ode, self.to_latents(x0).to(self._state_dtype), plan or self.plan, self.options.inversion == "exact",
-            self.options.tol, self.options.max_iter, callback, stats,
+            ode, self.to_latents(x0).to(self._state_dtype), plan or self.plan,
+            self.options.inversion in EXACT_INVERSIONS, self.options.tol, self.options.max_iter, callback, stats,
         )
         return Inverted(x, x_prev, stats)  # x_prev in the state's dtype: a bdia pair rounded to float32 decodes ~1e-4 off
+
+    def _source_nulls(self, conditions: Sequence[Any] | None) -> Sequence[Any] | None:
+        """The null conditions that inverting (and decoding back) under ``conditions`` guides away from:
+        the conditions themselves for negative-prompt inversion, the model's own (None) otherwise."""
+        return conditions if self.options.inversion == "negative-prompt" else None
+
+    def _continuous(self, cond):
+        from .null_text import continuous
+
+        try:
+            return continuous(cond, self.model.model)
+        except ValueError as e:
+            raise SettingError(("inversion", "null-text"), f"{e}: use exact or plain") from None
+
+    def _invert_null_text(self, x0: Tensor, callback, conditions: Sequence[Any] | None, plan: SamplingPlan
+                          ) -> Inverted:
+        """Null-text inversion (:mod:`ddimctl.null_text`): the network's parameters frozen, autograd on for the
+        null conditions alone."""
+        from .null_text import null_text_inversion
+
+        n = x0.shape[0]
+        values = None if conditions is None else list(conditions)
+        _, pivot = self.denoisers(conditions, n, guidance_scale=1.0)  # unclipped: invertible steps
+        cond = self._continuous(self.conditioner.encode(values, n, self.device))
+        null = self._continuous(self.conditioner.null(values, n, self.device))
+        module = self.model.model
+        frozen = [p for p in module.parameters() if p.requires_grad] if isinstance(module, torch.nn.Module) else []
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with torch.inference_mode(False):
+                res = null_text_inversion(self._call_network, pivot, cond, null, self.to_latents(x0).float(), plan,
+                                          self.guidance_scale, pivot_denoiser=pivot, callback=callback)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        stats = InversionStats(model_calls=res.batched_calls)
+        for its, losses, in zip(res.iterations, res.losses):
+            stats._record(torch.tensor(losses, dtype=torch.float64).sqrt(), torch.tensor(its),
+                          torch.tensor(its) + 2)
+        stats.image_calls = [c + len(plan) for c in stats.image_calls]
+        return Inverted(res.x_T, None, stats, nulls=res.nulls, reached=self.to_images(res.reached))
 
     @property
     def _state_dtype(self) -> torch.dtype:
@@ -447,11 +533,30 @@ class Engine:
 
     @torch.inference_mode()
     def decode(self, x_T: Tensor, callback=None, x_prev: Tensor | None = None,
-               conditions: Sequence[Any] | None = None, plan: SamplingPlan | None = None) -> Tensor:
+               conditions: Sequence[Any] | None = None, plan: SamplingPlan | None = None,
+               null_conditions: Sequence[Any] | None = None, nulls: Sequence[Any] | None = None) -> Tensor:
         """The eta = 0 sample of x_T with this sampler, without clipping (the inverse of :meth:`invert`;
-        reconstruct, interpolate). ``x_prev``: the second state of a pair latent (bdia only)."""
-        _, ode = self.denoisers(conditions, x_T.shape[0])
-        return self._decode_with(ode, x_T, callback, x_prev, plan or self.plan)
+        reconstruct, interpolate). ``x_prev``: the second state of a pair latent (bdia only).
+        ``null_conditions``: what guidance guides away from (default: the conditions themselves under
+        negative-prompt inversion, else the model's null); ``nulls``: null-text inversion's per-step null conditions
+        (:attr:`Inverted.nulls`), one per step of the plan."""
+        plan = plan or self.plan
+        if nulls is not None:
+            from .null_text import decode_with_nulls
+
+            if len(nulls) != len(plan):
+                raise SettingError(("steps", len(plan)), f"null-text nulls for {len(nulls)} steps: decode with the "
+                                   "plan they were optimised on")
+            values = None if conditions is None else list(conditions)
+            _, pivot = self.denoisers(conditions, x_T.shape[0], guidance_scale=1.0)
+            cond = self._continuous(self.conditioner.encode(values, x_T.shape[0], self.device))
+            x = decode_with_nulls(self._call_network, pivot, cond, list(nulls), x_T.to(self.device, torch.float32),
+                                  plan, self.guidance_scale, callback)
+            return self.to_images(x)
+        if null_conditions is None:
+            null_conditions = self._source_nulls(conditions)
+        _, ode = self.denoisers(conditions, x_T.shape[0], null_conditions=null_conditions)
+        return self._decode_with(ode, x_T, callback, x_prev, plan)
 
     def _decode_with(self, denoiser: Denoiser, x_T: Tensor, callback, x_prev: Tensor | None,
                      plan: SamplingPlan) -> Tensor:
@@ -465,9 +570,12 @@ class Engine:
                                f"a latent pair (x_T, x_T-1) decodes only with the {PAIR_SAMPLERS[0]} sampler")
         return self.to_images(sample(denoiser, x.float(), plan, self.options.sampler, 0.0, None, callback))
 
-    def decode_calls(self, pair: bool = False) -> int:
+    def decode_calls(self, pair: bool = False, nulls: bool = False) -> int:
         """Model calls :meth:`decode` makes per batch (one fewer from a bdia pair: its first state is given; one more
-        for fireflow, whose first step calls the model at x_T and at its midpoint)."""
+        for fireflow, whose first step calls the model at x_T and at its midpoint; two per step with null-text's
+        nulls: the condition and the step's null, each a forward of the batch)."""
+        if nulls:
+            return 2 * len(self.plan)
         extra = 1 if self.options.sampler in EXTRA_CALL_SAMPLERS else 0
         return len(self.plan) + extra - (1 if pair and self.pair_latents else 0)
 
@@ -476,14 +584,15 @@ class Engine:
         from .images import mse, psnr
 
         inv = self.invert(x0, callback, conditions)
-        rec = self.decode(inv.x_T, callback, inv.x_prev, conditions=conditions)
+        rec = self.decode(inv.x_T, callback, inv.x_prev, conditions=conditions, nulls=inv.nulls)
         target = x0.to(rec.device, rec.dtype)
         ae = inv_mse = None
         if self.autoencoder is not None:  # how much of the error is the autoencoder's, and how much the inversion's
             round_trip = self.to_images(self.to_latents(x0))
             ae, inv_mse = mse(round_trip, target), mse(rec, round_trip)
         return Reconstruction(inv.x_T, rec, mse(rec, target), psnr(rec, target), inv.stats,
-                              decode_calls=self.decode_calls(inv.x_prev is not None), x_prev=inv.x_prev,
+                              decode_calls=self.decode_calls(inv.x_prev is not None, inv.nulls is not None),
+                              x_prev=inv.x_prev,
                               autoencoder_mse=ae, inversion_mse=inv_mse)
 
     def edit_steps(self, strength: float) -> int:
@@ -505,7 +614,9 @@ class Engine:
             raise SettingError(("strength", strength), f"the {PAIR_SAMPLERS[0]} sampler needs at least 2 steps to regenerate")
         plan = self.plan.tail(k)
         inv = self.invert(x0, callback, source, plan)
-        edited = self.decode(inv.x_T, callback, inv.x_prev, conditions=target, plan=plan)
+        # negative-prompt inversion's editing: guided away from the source; null-text: with the optimised nulls
+        edited = self.decode(inv.x_T, callback, inv.x_prev, conditions=target, plan=plan,
+                             null_conditions=self._source_nulls(source), nulls=inv.nulls)
         return Edit(inv.x_T, edited, inv.stats, k, mse(edited, x0.to(edited.device, edited.dtype)))
 
     @torch.inference_mode()
@@ -514,7 +625,8 @@ class Engine:
         (a seed, or a latent file from another sampler); bdia's own first step."""
         x = x_T.to(self.device, torch.float32)
         ts = model_times(self.plan, x)
-        out = self.denoisers(conditions, x.shape[0])[1](x, ts[0:1], self.plan.a[0], self.plan.b[0])
+        ode = self.denoisers(conditions, x.shape[0], null_conditions=self._source_nulls(conditions))[1]
+        out = ode(x, ts[0:1], self.plan.a[0], self.plan.b[0])
         return ddim_step(out[0], out[1], self.plan.a[1], self.plan.b[1])
 
     def end_latent(self, end: "End", conditions: Sequence[Any] | None = None) -> tuple[Tensor, Tensor | None]:
@@ -540,6 +652,9 @@ class Engine:
         """The latents of the frames between the ends ``a`` and ``b`` at ``alphas`` (0: a, 1: b), slerped in x_T:
         (K, C, h, w), and for a pair sampler the frames' second states, slerped alongside (the ends stay exact);
         ``conditions``: the condition (one value) an image end is inverted under."""
+        if self.options.inversion == "null-text" and "image" in (a.kind, b.kind):
+            raise SettingError(("inversion", "null-text"), "null-text's per-step null conditions belong to one "
+                               "image and cannot be interpolated: use exact, plain or negative-prompt")
         (xa, pa), (xb, pb) = self.end_latent(a, conditions), self.end_latent(b, conditions)
         x_T = torch.cat([slerp(xa, xb, t) for t in alphas])  # (K, C, h, w)
         x_prev = torch.cat([slerp(pa, pb, t) for t in alphas]) if self.pair_latents else None

@@ -33,6 +33,11 @@ def invert(
     """Invert images to the latents x_T that --sampler maps back to them, written as NAME.latent.safetensors."""
     from ..latents import SUFFIX, save_latents
 
+    from ..errors import SettingError
+
+    if inversion.inversion == "null-text":
+        raise SettingError(("inversion", "null-text"), "null-text latents cannot be written yet (a latent file would "
+                           "lose the per-step null conditions): use reconstruct or edit, or another inversion")
     rep = outputs.reporter()
     job = _InversionJob(images, out, SUFFIX, rep)
     engine = job.start(loading, sampling, inversion, conditioning, outputs)
@@ -145,17 +150,20 @@ class _InversionJob:
         """Record image i's result, j-th of its batch (calls: the model evaluations the image caused); False when
         it failed or was computed only to keep its batch as the run being completed had it (its output exists).
         Exact inversion adds, per inverse step from the clean end, the iterations the image took and the RMS
-        residual it reached."""
+        residual it reached; null-text inversion, per step from x_T, its Adam iterations and the RMS by which the
+        step taken misses the pivot trajectory, and ``evaluations``: the inversion's forwards of the image alone."""
         if i not in self.writes:
             return False
         if not ok:
             self.failed.append(str(self.paths[i]))
             return False
         record = {**info, "output": str(self.targets[i]), "model_calls": calls}
-        if self.options.inversion == "exact" and not self.engine.pair_latents:
+        if self.options.inversion in ("exact", "negative-prompt", "null-text") and not self.engine.pair_latents:
             record["max_residual"] = max(r[j] for r in stats.image_residuals)
             record["iterations"] = [it[j] for it in stats.image_iterations]
             record["residuals"] = [r[j] for r in stats.image_residuals]
+            if self.options.inversion == "null-text":
+                record["evaluations"] = stats.image_calls[j]
             if stats.image_plain_kept is not None:  # a multistep sampler: its solve checked against plain inversion
                 record["plain_inversion_kept"] = stats.image_plain_kept[j]
                 record["round_trip_rms"] = stats.image_round_trip[j]

@@ -89,7 +89,10 @@ ClipOpt = Annotated[
     ),
 ]
 InversionOpt = Annotated[
-    str, typer.Option("--inversion", help="exact: solve each inverse step (fixed point); plain: classic DDIM inversion.")
+    str, typer.Option("--inversion", help="exact: solve each inverse step (fixed point); plain: classic DDIM inversion; "
+                      "negative-prompt: exact, guided away from the source condition itself (guidance then has no "
+                      "effect on the round trip); null-text: optimise the null condition per step (guided ddim; "
+                      "reconstruct and edit only).")
 ]
 TolOpt = Annotated[float, typer.Option("--tol", min=0.0, help="Exact inversion: the RMS error (data in [-1, 1]) "
                                        "it may leave in the decoded image; 3e-3 is an MSE of about 2e-6 in [0, 1].")]

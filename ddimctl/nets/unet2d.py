@@ -747,20 +747,29 @@ class UNet2DModel(nn.Module):
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         class_labels: torch.Tensor | None = None,
+        class_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict from ``sample`` (B, in_channels, H, W) at ``timestep``; returns (B, out_channels, H, W).
 
         ``timestep``: a number, a 0-d or (1,) tensor (shared by the batch: the time embedding is computed once)
         or a (B,) tensor. ``class_labels``: required exactly when :attr:`is_class_conditional` (class ids (B,)
         for a class table, values (B,) for ``class_embed_type`` ``"timestep"``, (B, D) for ``"identity"``).
-        H and W must be multiples of ``2 ** (len(block_out_channels) - 1)``.
+        H and W must be multiples of ``2 ** (len(block_out_channels) - 1)``. ``class_emb``: instead of
+        ``class_labels``, the class term itself, (B, time_embed_dim) or (1, time_embed_dim), added to the time
+        embedding as a looked-up row would be (null-text inversion optimises the null class's row this way).
         """
+        if class_emb is not None:
+            if self.class_embedding is None or class_labels is not None:
+                raise ValueError("class_emb replaces class_labels, for a class-conditional model only")
+            want = self.time_embed_dim
+            if class_emb.ndim != 2 or class_emb.shape[0] not in (1, sample.shape[0]) or class_emb.shape[1] != want:
+                raise ValueError(f"class_emb must be (B, {want}), got shape {tuple(class_emb.shape)}")
         if sample.ndim != 4 or sample.shape[-2] % self.downscale_factor or sample.shape[-1] % self.downscale_factor:
             raise ValueError(
                 f"sample must be (B, C, H, W) with H and W multiples of {self.downscale_factor}, "
                 f"got shape {tuple(sample.shape)}"
             )
-        if self.class_embedding is not None and class_labels is None:
+        if self.class_embedding is not None and class_labels is None and class_emb is None:
             what = {None: "class ids", "timestep": "class values", "identity": "class embeddings"}
             raise ValueError(
                 f"this model is class-conditional (num_class_embeds {fmt(self.config['num_class_embeds'])}, "
@@ -783,6 +792,8 @@ class UNet2DModel(nn.Module):
         emb = self.time_embedding(t_emb)  # (1|B, time_embed_dim)
         if class_labels is not None:
             emb = emb + self._class_embedding(class_labels, batch, dtype)  # (1|B, time_embed_dim)
+        elif class_emb is not None:
+            emb = emb + class_emb.to(device=emb.device, dtype=dtype)  # (1|B, time_embed_dim)
 
         sample = self.conv_in(sample)  # (B, C0, H, W)
         down_block_res_samples: tuple[torch.Tensor, ...] = (sample,)
