@@ -8,7 +8,7 @@ from typing import Annotated, Any, List
 
 import typer
 
-from ..errors import NumericsError
+from ..errors import NumericsError, SettingError
 from .app import command
 from .common import conditions_for, finite_or_note, image_paths, load_images, output_names, plan_batches, plan_outputs, report_doc
 from .options import Conditioning, Group, Inversion, ModelLoading, OutOpt, Outputs, Sampling
@@ -32,8 +32,6 @@ def invert(
 ) -> None:
     """Invert images to the latents x_T that --sampler maps back to them, written as NAME.latent.safetensors."""
     from ..latents import SUFFIX, save_latents
-
-    from ..errors import SettingError
 
     if inversion.inversion == "null-text":
         raise SettingError(("inversion", "null-text"), "null-text latents cannot be written yet (a latent file would "
