@@ -92,7 +92,7 @@ def main() -> None:
             keep = [torch.where((o.flatten(1).double().pow(2).mean(1).sqrt() > 10 * tol_step).view(-1, *[1] * (o.ndim - 1)),
                                 o, torch.zeros_like(o)) for o in st.offsets]
             with torch.inference_mode():
-                ode = engine.denoisers(labels, len(x))[1]
+                ode = engine.denoisers(labels, len(idx))[1]
                 err_sparse = mse(engine.to_images(run_plan_updates(ddim_plan_update, ode, x_T, engine.plan,
                                                                    offsets=keep)), x[idx])
         for j, i in enumerate(idx):

@@ -967,3 +967,32 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     shift = (getattr(vae.config, "shift_factor", None) or 0.0) if family(pipe) in ("sd3", "flux") else 0.0
     with torch.no_grad():
         return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the text-to-image tests share around the pipelines
+
+#: the environment of a CLI subprocess: offline, no tracebacks
+CLI_ENV = {k: v for k, v in __import__("os").environ.items() if k != "DDIMCTL_DEBUG"} | {"HF_HUB_OFFLINE": "1"}
+
+
+def photos(root: Path, size: int = 32) -> list[Path]:
+    """Two photographs (scikit-image's astronaut and coffee) resized to ``size`` square, as PNGs in ``root``."""
+    from PIL import Image
+    from skimage import data
+
+    paths = []
+    for name in ("astronaut", "coffee"):
+        p = root / f"{name}.png"
+        Image.fromarray(getattr(data, name)()).resize((size, size)).save(p)
+        paths.append(p)
+    return paths
+
+
+def run_cli(*args, env: dict | None = None, timeout: int = 600):
+    """``python -m ddimctl ARGS`` in a subprocess (text output captured)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "ddimctl", *map(str, args)], capture_output=True, text=True,
+                          env=CLI_ENV if env is None else env, timeout=timeout)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,21 +50,11 @@ def unit(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> list[Path]:
-    from PIL import Image
-    from skimage import data
-
-    root = tmp_path_factory.mktemp("photos")
-    paths = []
-    for name in ("astronaut", "coffee"):
-        p = root / f"{name}.png"
-        Image.fromarray(getattr(data, name)()).resize((32, 32)).save(p)
-        paths.append(p)
-    return paths
+    return t2i.photos(tmp_path_factory.mktemp("photos"))
 
 
 def run(*args, env=ENV):
-    return subprocess.run([sys.executable, "-m", "ddimctl", *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return t2i.run_cli(*args, env=env, timeout=600)
 
 
 def cli(*args):

@@ -15,7 +15,6 @@ import torch
 
 pytest.importorskip("transformers")
 import t2i  # noqa: E402  (tests/t2i.py)
-from hubcache import offline_cache  # noqa: E402
 
 from ddimctl.conditioning import Prompt  # noqa: E402
 from ddimctl.engine import Engine, SamplingOptions  # noqa: E402
@@ -47,21 +46,11 @@ def unit(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> list[Path]:
-    from PIL import Image
-    from skimage import data
-
-    root = tmp_path_factory.mktemp("photos")
-    paths = []
-    for name in ("astronaut", "coffee"):
-        p = root / f"{name}.png"
-        Image.fromarray(getattr(data, name)()).resize((32, 32)).save(p)
-        paths.append(p)
-    return paths
+    return t2i.photos(tmp_path_factory.mktemp("photos"))
 
 
 def run(*args, env=ENV):
-    return subprocess.run([sys.executable, "-m", "ddimctl", *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return t2i.run_cli(*args, env=env, timeout=300)
 
 
 def ours(folder: Path, prompts: list[str], negative: str | None, latents: torch.Tensor, steps: int, w: float,
