@@ -43,14 +43,17 @@ PlanUpdate = Callable[[SamplingPlan, int, Tensor, Sequence["tuple[Tensor, Tensor
 
 SOLVERS = ("improved", "anderson")
 #: an image's solve of a step stops when its residual has not fallen to STALL_PROGRESS x in STALL_WINDOW // 2 model
-#: calls of its own within 10x of the tolerance, and under guidance also in STALL_WINDOW calls further off: see
+#: calls of its own within NEAR x the tolerance, and under guidance also in STALL_WINDOW calls further off: see
 #: _solve (without guidance a step has no fold, and a slow solve of a huge step, as a tuned 3-step plan's last,
 #: still gets there; nor on the step into the clean end, whose residual is the decoded image's miss)
 STALL_WINDOW = 6
 STALL_PROGRESS = 0.5
 #: the step into the clean end stops once a Newton-Krylov step removed less than this share of its residual (and it
-#: is within 10x of its tolerance): see _solve
+#: is within NEAR x its tolerance): see _solve
 FLOOR_GAIN = 0.6
+#: the floor rule, and the stall rule's shorter window, act only within this factor of a step's tolerance (at 10x
+#: they cut 5-step solves of sampled digits short: a reconstruction 4x the tolerance off)
+NEAR = 2.0
 _S2 = 0.25  # data variance of the Gaussian surrogate whose denoiser Jacobian preconditions the multistep solve
 
 
@@ -324,11 +327,11 @@ def invert_multistep(
       whose residual is the decoded miss itself), is below that share, or when the last iteration changed the
       denoised estimate at x_k (a one-step decode) by less than a tenth of it while the residual is within 10x of
       its bound: the iteration then stalls only in directions the denoiser ignores, which decoding does not see;
-      or when the residual has stopped falling (``STALL_WINDOW``: within 10x of the bound, a floor of what the
+      or when the residual has stopped falling (``STALL_WINDOW``: within NEAR x the bound, a floor of what the
       model can produce; further off, under guidance only, a fold of the step map with no preimage nearby,
       docs/guided-inversion.md);
-    * the step into the clean end by Newton-Krylov from its first iterate, stopped at the floor of what the model
-      can produce (``FLOOR_GAIN``).
+    * under guidance, the step into the clean end by Newton-Krylov from its first iterate, stopped at the floor of
+      what the model can produce (``FLOOR_GAIN``).
 
     ``stats.keep_offsets``: record what each step's solve left (``stats.offsets``), so that
     :func:`run_plan_updates` with them retraces the inversion exactly where the solve stopped short.
@@ -415,7 +418,9 @@ def _invert_multistep(update, denoise, x0, plan, callback, tol, max_iter, stats,
                 calls += 1
                 guess = ddim_step(p_x0, p_eps, a, b)
             # the step into the clean end (x_{k+1} = the data): Newton-Krylov from the start (see _solve)
-            clean_end = improved and krylov and k == S - 1 and float(plan.b[S]) == 0.0
+            # (under guidance only: without it the frozen-model iteration gets there, and Krylov steps from the
+            # start cost 5-step solves more calls and a worse result)
+            clean_end = guide > 1.0 and improved and krylov and k == S - 1 and float(plan.b[S]) == 0.0
             res = _solve(evaluate, target, guess, c, need, tol_res=share / gains[k],
                          tol_change=_change_tolerance(share, a_clean, a, b) if improved else None, max_iter=max_iter,
                          krylov=krylov and improved, stats=stats, krylov_first=clean_end,
@@ -619,14 +624,14 @@ def _solve(evaluate, target, guess, coeff, active, *, tol_res, tol_change, max_i
 
     ``krylov_first``: every iteration is a Newton-Krylov step (where the budget allows one) until one makes the
     residual worse (then that image goes on as without it), and an image stops once a Krylov step removed less
-    than :data:`FLOOR_GAIN` of its residual while it is within 10x of ``tol_res``.
+    than :data:`FLOOR_GAIN` of its residual while it is within :data:`NEAR` x ``tol_res``.
     For the step into the clean end, where the frozen-model slope (x0_hat following x) is wrong in every direction
     the denoiser smooths: frozen-model iterations do not reduce the residual there, they only move x along those
     directions, and the backward walk then multiplies that drift by sigma_k / sigma_k+1 at every further step
     (docs/guided-inversion.md). What is left is the part of the image the model cannot produce (for a real digit
     about 2e-3 RMS on the built-in models), and the residual there is the decoded image's miss itself.
     ``stall_window``: an image also stops when its best residual has not fallen to :data:`STALL_PROGRESS` times
-    its value within that many of its own model calls (half as many within 10x of ``tol_res``, where what is left
+    its value within that many of its own model calls (half as many within :data:`NEAR` x ``tol_res``, where what is left
     is a floor of what the model can produce); further off only with ``stall_far``: a residual that has stopped
     falling there, as under guidance at a fold of the step map with no preimage nearby, is not worth further
     iterations, while without guidance a slow solve of a huge step still gets there.
@@ -679,13 +684,13 @@ def _solve(evaluate, target, guess, coeff, active, *, tol_res, tol_change, max_i
             # a Krylov step that made things worse (far from the solution, where the linear model is poor): that
             # image goes on with the frozen-model iteration; one that gained less than FLOOR_GAIN: the floor
             kf &= ~(last_kry & ~better)
-            done |= act & kf & torch.isfinite(kry_from) & (best_res > kry_from * (1.0 - FLOOR_GAIN)) & (best_res <= 10 * tol_res)
+            done |= act & kf & torch.isfinite(kry_from) & (best_res > kry_from * (1.0 - FLOOR_GAIN)) & (best_res <= NEAR * tol_res)
         if stall_window is not None:
             progress = best_res < STALL_PROGRESS * mark_res
             mark_res = torch.where(progress, best_res, mark_res)
             mark_it = torch.where(progress, calls, mark_it)
-            # half the window within 10x of the tolerance: a floor of what the model can produce, not a solve far off
-            near = best_res <= 10 * tol_res
+            # half the window within NEAR x the tolerance: a floor of what the model can produce, not a solve far off
+            near = best_res <= NEAR * tol_res
             window = torch.where(near, stall_window // 2, stall_window)
             done |= act & (calls - mark_it >= window) & (near | stall_far)
         act = act & ~done & (iters < max_iter)  # each image's own budget (Krylov calls count in it)
