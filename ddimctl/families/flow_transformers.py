@@ -54,7 +54,7 @@ from ..schedule import FAMILY_SPACING, SamplingPlan, flow_schedule, make_plan
 from ..settings import SamplerSettings
 from . import LoadedModel, Resolved
 from .parts import (
-    TOKENIZER_FILES, Part, config_part, fetch_weights, load_autoencoder, load_part, load_tokenizer,
+    check_pipeline, TOKENIZER_FILES, Part, config_part, fetch_weights, load_autoencoder, load_part, load_tokenizer,
     notes_for_unused, tokenize, tokenizer_part,
 )
 
@@ -154,15 +154,7 @@ def recognises(index: ModelIndex | None, root: Path) -> bool:
 def resolve(loc: Location, variant: str | None) -> Resolved:
     """Read every config of the pipeline and refuse what ddimctl cannot run, then fetch and pick the weights."""
     index = read_model_index(loc.root)
-    pipeline = index.class_name or "this pipeline"
-    runs = f"ddimctl runs {SD3} and {FLUX}"
-    if pipeline in REFUSED:
-        raise ConfigError(f"{index.path}: {pipeline} is {REFUSED[pipeline]}; {runs}")
-    for part, why in _IMAGE_PARTS.items():
-        if index.component(part) is not None:
-            raise ConfigError(f"{index.path}: component {part} ({why}); {runs} without it")
-    if pipeline not in (SD3, FLUX):
-        raise ConfigError(f"{index.path}: {pipeline} is not a pipeline ddimctl runs (this family: {SD3}, {FLUX})")
+    pipeline = check_pipeline(index, (SD3, FLUX), REFUSED, _IMAGE_PARTS)
     flux = pipeline == FLUX
     transformer = config_part(loc, index, "transformer", ("FluxTransformer2DModel",) if flux
                               else ("SD3Transformer2DModel",), pipeline)

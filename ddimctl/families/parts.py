@@ -66,6 +66,22 @@ class Part:
         return out
 
 
+def check_pipeline(index: ModelIndex, runs: tuple[str, str], refused: dict[str, str],
+                   image_parts: dict[str, str]) -> str:
+    """The pipeline's class name, after refusing in one line what the family ``runs`` (its two pipeline classes)
+    cannot: a ``refused`` pipeline (name -> why), a component of ``image_parts`` (name -> why), or another class."""
+    pipeline = index.class_name or "this pipeline"
+    family = f"ddimctl runs {runs[0]} and {runs[1]}"
+    if pipeline in refused:
+        raise ConfigError(f"{index.path}: {pipeline} is {refused[pipeline]}; {family}")
+    for part, why in image_parts.items():
+        if index.component(part) is not None:
+            raise ConfigError(f"{index.path}: component {part} ({why}); {family} without it")
+    if pipeline not in runs:
+        raise ConfigError(f"{index.path}: {pipeline} is not a pipeline ddimctl runs (this family: {runs[0]}, {runs[1]})")
+    return pipeline
+
+
 def component(index: ModelIndex, name: str, expected: tuple[str, ...], pipeline: str) -> tuple[str, str]:
     """(library, class) of component ``name``, refused in one line when missing or not one of ``expected``."""
     entry = index.component(name)

@@ -26,8 +26,8 @@ from ..errors import ConfigError, SettingError
 from ..settings import SamplerSettings
 from . import LoadedModel, Resolved
 from .parts import (
-    TOKENIZER_FILES, config_part, fetch_weights, load_autoencoder, load_part, load_tokenizer, notes_for_unused,
-    tokenize, tokenizer_part,
+    check_pipeline, TOKENIZER_FILES, config_part, fetch_weights, load_autoencoder, load_part, load_tokenizer,
+    notes_for_unused, tokenize, tokenizer_part,
 )
 
 name = "stable-diffusion"
@@ -67,14 +67,7 @@ def recognises(index: ModelIndex | None, root: Path) -> bool:
 def resolve(loc: Location, variant: str | None) -> Resolved:
     """Read every config of the pipeline and refuse what ddimctl cannot run, then fetch and pick the weights."""
     index = read_model_index(loc.root)
-    pipeline = index.class_name or "this pipeline"
-    if pipeline in REFUSED:
-        raise ConfigError(f"{index.path}: {pipeline} is {REFUSED[pipeline]}; ddimctl runs {SD} and {SDXL}")
-    for part, why in _IMAGE_PARTS.items():
-        if index.component(part) is not None:
-            raise ConfigError(f"{index.path}: component {part} ({why}); ddimctl runs {SD} and {SDXL} without it")
-    if pipeline not in (SD, SDXL):
-        raise ConfigError(f"{index.path}: {pipeline} is not a pipeline ddimctl runs (this family: {SD}, {SDXL})")
+    pipeline = check_pipeline(index, (SD, SDXL), REFUSED, _IMAGE_PARTS)
     xl = pipeline == SDXL
     unet = config_part(loc, index, "unet", ("UNet2DConditionModel",), pipeline)
     vae = config_part(loc, index, "vae", ("AutoencoderKL",), pipeline)
