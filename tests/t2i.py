@@ -976,6 +976,16 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
 CLI_ENV = {k: v for k, v in __import__("os").environ.items() if k != "DDIMCTL_DEBUG"} | {"HF_HUB_OFFLINE": "1"}
 
 
+def built(names, root: Path) -> dict[str, tuple[Any, Path]]:
+    """``{name: (pipeline, folder)}``: the default pipeline of each of ``names`` (keys of :data:`BUILDERS`), saved
+    under ``root / name``."""
+    out = {}
+    for name in names:
+        pipe = BUILDERS[name]()
+        out[name] = (pipe, save(pipe, root / name))
+    return out
+
+
 def photos(root: Path, size: int = 32) -> list[Path]:
     """Two photographs (scikit-image's astronaut and coffee) resized to ``size`` square, as PNGs in ``root``."""
     from PIL import Image

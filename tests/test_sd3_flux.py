@@ -33,11 +33,7 @@ NAMES = ("sd3", "sd3-no-t5", "flux-dev", "flux-schnell")
 def pipes(tmp_path_factory):
     """name -> (diffusers pipeline, its saved folder): SD3 with and without T5, Flux dev and schnell."""
     root = tmp_path_factory.mktemp("sd3-flux")
-    out = {}
-    for name in NAMES:
-        pipe = t2i.BUILDERS[name]()
-        out[name] = (pipe, t2i.save(pipe, root / name))
-    return out
+    return t2i.built(NAMES, root)
 
 
 @pytest.fixture(scope="module")

@@ -30,11 +30,7 @@ H, W = 32, 48  # non-square: latents 16 x 24 through the tiny autoencoders (fact
 def pipes(tmp_path_factory):
     """name -> (diffusers pipeline, its saved folder) for SD 1.5 (epsilon), SD 2 (v-prediction) and SDXL."""
     root = tmp_path_factory.mktemp("sd")
-    out = {}
-    for name in ("sd15", "sd2", "sdxl"):
-        pipe = t2i.BUILDERS[name]()
-        out[name] = (pipe, t2i.save(pipe, root / name))
-    return out
+    return t2i.built(("sd15", "sd2", "sdxl"), root)
 
 
 @pytest.fixture(scope="module")
