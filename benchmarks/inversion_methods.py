@@ -20,6 +20,13 @@ to the source.
 
     python benchmarks/inversion_methods.py                          # 20 digits, w = 1, 3, 5 at 10 and 50 steps
     python benchmarks/inversion_methods.py --digits 100 --steps 10 --guidance 3 --no-edits
+    python benchmarks/inversion_methods.py --tiny sd15 --digits 5 --steps 10 --guidance 7.5   # text-to-image
+
+``--tiny sd15|sd2|sdxl`` builds the tiny random-weight Stable Diffusion pipeline of tests/t2i.py (its unit-std
+variant: latents of about unit std, the denoiser's output scaled by 0.1) into a temporary folder and runs it with
+``--prompt`` on crops of scikit-image photographs (``--digits`` of them; no edits: the classifier reads digits);
+the MSE is then against the autoencoder's own round trip of each image (what the inversion alone misses). A random
+network is close to linear, so this shows the machinery at the pipeline's w, not a trained model's folds.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ METHODS = ("plain", "exact", "negative-prompt", "null-text")
 
 
 def reconstruct(model: str, method: str, steps: int, w: float, x, y, batch: int) -> dict | None:
+    """One method's reconstructions of x under the conditions y (labels, or prompts for a text model)."""
     try:
         engine = Engine.load(model, SamplingOptions(steps=steps, guidance_scale=w, inversion=method, inverting=True))
     except SettingError as e:  # null-text at w = 1
@@ -53,8 +61,8 @@ def reconstruct(model: str, method: str, steps: int, w: float, x, y, batch: int)
     t0 = time.perf_counter()
     for chunk in batches(list(range(len(x))), batch):
         idx = list(chunk)
-        rec = engine.reconstruct(x[idx], conditions=y[idx].tolist())
-        errs.append(rec.mse.cpu())
+        rec = engine.reconstruct(x[idx], conditions=[y[i] for i in idx])
+        errs.append((rec.mse if rec.inversion_mse is None else rec.inversion_mse).cpu())
         calls += rec.image_calls
     seconds = time.perf_counter() - t0
     e = torch.cat(errs)
@@ -68,6 +76,7 @@ def edits(net, model: str, method: str, steps: int, w: float, x, y, batch: int) 
         engine = Engine.load(model, SamplingOptions(steps=steps, guidance_scale=w, inversion=method, inverting=True))
     except SettingError as e:
         return {"method": method, "refused": str(e)}
+    y = torch.tensor(y)
     target = (y + 1) % 10
     out = []
     for chunk in batches(list(range(len(x))), batch):
@@ -92,14 +101,33 @@ def main() -> None:
     ap.add_argument("--edit-steps", type=int, default=10)
     ap.add_argument("--no-edits", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tiny", choices=("sd15", "sd2", "sdxl"), help="a tiny random-weight text-to-image pipeline")
+    ap.add_argument("--prompt", default="a photo of a cat", help="--tiny: every image's prompt")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    xt, yt = load_builtin_dataset("mnist-test", 32, with_labels=True)
-    pick = torch.arange(0, len(xt), max(1, len(xt) // args.digits))[: args.digits]
-    x, y = xt[pick], yt[pick]
+    if args.tiny:
+        import tempfile
+
+        from flow_inversion import model_images
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        import t2i
+
+        args.model = str(Path(tempfile.mkdtemp()) / args.tiny)
+        t2i.save(getattr(t2i, args.tiny)(**t2i.UNIT_STD[args.tiny]), Path(args.model))
+        probe = Engine.load(args.model, SamplingOptions(steps=2, inverting=True))
+        x, what = model_images(probe, args.digits)
+        y = [args.prompt] * len(x)
+        what += f', the prompt "{args.prompt}" (MSE against the autoencoder\'s round trip)'
+        args.no_edits = True
+    else:
+        xt, yt = load_builtin_dataset("mnist-test", 32, with_labels=True)
+        pick = torch.arange(0, len(xt), max(1, len(xt) // args.digits))[: args.digits]
+        x, y = xt[pick], yt[pick].tolist()
+        what = "held-out digits with their labels"
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "reconstruct": [], "edits": []}
-    print(f"### {args.model}: {len(x)} held-out digits with their labels, batch {args.batch}\n")
+    print(f"### {args.tiny or args.model}: {len(x)} {what}, batch {args.batch}\n")
     print("| steps | w | inversion | MSE mean | MSE max | share <= 1e-5 | calls / image (median, max) | s / image |")
     print("|---|---|---|---|---|---|---|---|")
     for steps in args.steps:

@@ -18,18 +18,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .conditioning import ConditionOptions, guide
 from .errors import InputError, SettingError
-from .inversion import INVERT_FUNCTIONS, InversionStats
+from .inversion import INVERT_FUNCTIONS, InversionStats, ddim_plan_update, run_plan_updates, stopped_short
 from .prediction import Denoiser
 from .sampler import SAMPLERS, ddim_step, make_generators, model_times, randn, sample, sample_bdia, slerp
 from .schedule import SPACINGS, SamplingPlan
 from .settings import SamplerSettings
+
+if TYPE_CHECKING:
+    from .latents import LatentFile
 
 INVERSIONS = ("exact", "plain", "negative-prompt", "null-text")
 #: Inversions that solve each step exactly (negative-prompt: exact inversion with the null condition := the source)
@@ -125,6 +128,10 @@ class Inverted:
     #: plan order, for :meth:`Engine.decode`; and the state its walk reached (what decoding with them gives back)
     nulls: list | None = None
     reached: Tensor | None = None
+    #: exact inversion with the ddim sampler: per step (plan order) what the solve left where it stopped above
+    #: OFFSET_FACTOR x its bound ((B, C, h, w), zero for the images that needed none; None for a step none needed),
+    #: None when no step needed one (:func:`ddimctl.inversion.stopped_short`): decode with them to retrace x0
+    offsets: list | None = None
 
 
 @dataclass
@@ -140,6 +147,7 @@ class Reconstruction:
     stats: InversionStats
     decode_calls: int = 0
     x_prev: Tensor | None = None  # the latent's second state, for a pair sampler (bdia)
+    offsets: list | None = None  # exact inversion's per-step offsets (Inverted.offsets), added in the decode
     autoencoder_mse: Tensor | None = None  # latent diffusion: the autoencoder's own round trip (encode, decode)
     inversion_mse: Tensor | None = None  # latent diffusion: the reconstruction against that round trip
 
@@ -426,12 +434,17 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, seeds: Sequence[int], x_T: Tensor | None = None, callback=None,
-                 x_prev: Tensor | None = None, conditions: Sequence[Any] | None = None) -> tuple[Tensor, Tensor]:
+                 x_prev: Tensor | None = None, conditions: Sequence[Any] | None = None,
+                 offsets: Sequence[Tensor | None] | None = None, nulls: Sequence[Any] | None = None
+                 ) -> tuple[Tensor, Tensor]:
         """Sample a batch: returns (x_T, x0), each (B, C, H, W) float32, x0 in the model's data range.
 
         Sample i draws from one generator seeded ``seeds[i]``: first its x_T, then (eta > 0) the noise of each step.
         When ``x_T`` is given, the x_T draw is still made and discarded, so a run from saved latents with the same
         seeds repeats the original run exactly. ``conditions``: each sample's condition (a class id, ...).
+        ``offsets``: an exact inversion's per-step offsets for the given x_T (a latent file's), added after each
+        step as :meth:`decode` does (the ddim sampler with eta = 0, unclipped: the inversion's own steps).
+        ``nulls``: null-text inversion's per-step null conditions for the given x_T, decoded as :meth:`decode` does.
         """
         denoiser, _ = self.denoisers(conditions, len(seeds))
         gens = make_generators(seeds)
@@ -439,6 +452,11 @@ class Engine:
         x = drawn if x_T is None else x_T.to(self.device, torch.float32)
         if x_prev is not None:  # a latent pair: only the pair sampler reads it (_decode_with checks the sampler)
             return x, self._decode_with(denoiser, x, callback, x_prev, self.plan)
+        if nulls is not None:
+            return x, self.decode(x, callback, conditions=conditions, nulls=nulls)
+        if offsets is not None:
+            ode = self.denoisers(conditions, len(seeds))[1]
+            return x, self._decode_with(ode, x, callback, None, self.plan, offsets)
         x0 = sample(denoiser, x, self.plan, self.options.sampler, self.options.eta,
                     gens if self.options.eta > 0 else None, callback)
         return x, self.to_images(x0)
@@ -447,6 +465,50 @@ class Engine:
     def pair_latents(self) -> bool:
         """Whether this sampler's latent is a pair (x_T, x_{T-1}) (:data:`PAIR_SAMPLERS`)."""
         return self.options.sampler in PAIR_SAMPLERS
+
+    def latent_offsets(self, latent: "LatentFile") -> tuple[list | None, str | None]:
+        """A latent file's per-step offsets in plan order when this engine decodes on the plan they were made on
+        (same steps, spacing or schedule; the ddim sampler, eta = 0): (offsets, None); else (None, why they are
+        not added), and (None, None) for a file without offsets."""
+        if not latent.offsets:
+            return None, None
+        why_not = self._other_plan(latent.metadata, "per-step offsets")
+        return (None, why_not) if why_not else (latent.offset_list(len(self.plan)), None)
+
+    def latent_nulls(self, latent: "LatentFile") -> tuple[list | None, str | None]:
+        """A null-text latent file's per-step null conditions (plan order, each a :class:`Cond` of its batch on
+        the device) when this engine decodes on their plan (as :meth:`latent_offsets`) with the guidance scale they
+        were optimised for: (nulls, None); else (None, why they are not used); (None, None) without nulls."""
+        from .conditioning import Cond
+
+        if latent.nulls is None:
+            return None, None
+        why_not = self._other_plan(latent.metadata, "null-text nulls")
+        if why_not:
+            return None, why_not
+        made = latent.metadata.get("guidance_scale")
+        if made is None or float(made) != self.guidance_scale:
+            return None, (f"its null-text nulls were optimised for guidance scale {made}; this run's is "
+                          f"{self.guidance_scale:g}: x_T is decoded without them")
+        ref = self._continuous(self.conditioner.null(None, 1, self.device))
+        if set(ref.tensors) != set(latent.nulls[0]):
+            raise InputError(f"{latent.metadata.get('model') or 'the latent file'}: null-text nulls of "
+                             f"{', '.join(sorted(latent.nulls[0]))}; this model's null condition has "
+                             f"{', '.join(sorted(ref.tensors))}")
+        return [Cond({k: v.to(self.device, ref.tensors[k].dtype) for k, v in n.items()}) for n in latent.nulls], None
+
+    def _other_plan(self, meta: dict[str, str], what: str) -> str | None:
+        """Why a latent file's per-step corrections (``what``) cannot be used by this engine's decode: another plan
+        (steps, spacing or schedule), another sampler than ddim or eta > 0; None when they can."""
+        made = (meta.get("steps"), meta.get("spacing"), meta.get("schedule"))
+        mine = (str(self.options.steps), self.spacing, self.options.schedule_file)
+        if made != mine:
+            return (f"its {what} were made on {made[0]} steps, {made[1]} spacing; this run takes {mine[0]} steps, "
+                    f"{mine[1]} spacing: x_T is decoded without them")
+        if self.options.sampler != "ddim" or self.options.eta != 0:
+            return (f"its {what} retrace an eta = 0 ddim sample; this run's sampler is {self.options.sampler} with "
+                    f"eta {self.options.eta:g}: x_T is decoded without them")
+        return None
 
     def check_latent_pair(self, path: Any, meta: dict[str, str]) -> None:
         """Refuse a latent pair (x_T, x_T-1) from a pair sampler's latent file (``path``, with its metadata) that this
@@ -475,12 +537,21 @@ class Engine:
         if self.options.inversion == "null-text":
             return self._invert_null_text(x0, callback, conditions, plan or self.plan)
         _, ode = self.denoisers(conditions, x0.shape[0], null_conditions=self._source_nulls(conditions))
-        stats = InversionStats()
+        stats = InversionStats(keep_offsets=self.keeps_offsets)
         x, x_prev = INVERT_FUNCTIONS[self.options.sampler](
             ode, self.to_latents(x0).to(self._state_dtype), plan or self.plan,
             self.options.inversion in EXACT_INVERSIONS, self.options.tol, self.options.max_iter, callback, stats,
         )
-        return Inverted(x, x_prev, stats)  # x_prev in the state's dtype: a bdia pair rounded to float32 decodes ~1e-4 off
+        offsets = stopped_short(stats) if self.keeps_offsets else None
+        stats.offsets = None  # the dense record: every step of every image
+        # x_prev in the state's dtype: a bdia pair rounded to float32 decodes ~1e-4 off
+        return Inverted(x, x_prev, stats, offsets=offsets)
+
+    @property
+    def keeps_offsets(self) -> bool:
+        """Whether :meth:`invert` keeps the offsets of the steps its solve stopped short on (exact inversion with
+        the ddim sampler; :attr:`Inverted.offsets`)."""
+        return self.options.sampler == "ddim" and self.options.inversion in EXACT_INVERSIONS
 
     def _source_nulls(self, conditions: Sequence[Any] | None) -> Sequence[Any] | None:
         """The null conditions that inverting (and decoding back) under ``conditions`` guides away from:
@@ -534,12 +605,14 @@ class Engine:
     @torch.inference_mode()
     def decode(self, x_T: Tensor, callback=None, x_prev: Tensor | None = None,
                conditions: Sequence[Any] | None = None, plan: SamplingPlan | None = None,
-               null_conditions: Sequence[Any] | None = None, nulls: Sequence[Any] | None = None) -> Tensor:
+               null_conditions: Sequence[Any] | None = None, nulls: Sequence[Any] | None = None,
+               offsets: Sequence[Tensor | None] | None = None) -> Tensor:
         """The eta = 0 sample of x_T with this sampler, without clipping (the inverse of :meth:`invert`;
         reconstruct, interpolate). ``x_prev``: the second state of a pair latent (bdia only).
         ``null_conditions``: what guidance guides away from (default: the conditions themselves under
         negative-prompt inversion, else the model's null); ``nulls``: null-text inversion's per-step null conditions
-        (:attr:`Inverted.nulls`), one per step of the plan."""
+        (:attr:`Inverted.nulls`), one per step of the plan; ``offsets``: exact inversion's per-step offsets
+        (:attr:`Inverted.offsets`), added after each step of the plan they were made on."""
         plan = plan or self.plan
         if nulls is not None:
             from .null_text import decode_with_nulls
@@ -556,11 +629,15 @@ class Engine:
         if null_conditions is None:
             null_conditions = self._source_nulls(conditions)
         _, ode = self.denoisers(conditions, x_T.shape[0], null_conditions=null_conditions)
-        return self._decode_with(ode, x_T, callback, x_prev, plan)
+        return self._decode_with(ode, x_T, callback, x_prev, plan, offsets)
 
     def _decode_with(self, denoiser: Denoiser, x_T: Tensor, callback, x_prev: Tensor | None,
-                     plan: SamplingPlan) -> Tensor:
+                     plan: SamplingPlan, offsets: Sequence[Tensor | None] | None = None) -> Tensor:
         x = x_T.to(self.device, x_T.dtype if x_T.dtype == torch.float64 else torch.float32)
+        if offsets is not None:
+            self.check_offsets(offsets, plan)
+            moved = [None if o is None else o.to(self.device, torch.float32) for o in offsets]
+            return self.to_images(run_plan_updates(ddim_plan_update, denoiser, x.float(), plan, callback, moved))
         if self.pair_latents:
             x_next = None if x_prev is None else x_prev.to(self.device, self._state_dtype)
             z = sample_bdia(denoiser, x.to(self._state_dtype), plan, x_next, callback=callback).float()
@@ -569,6 +646,17 @@ class Engine:
             raise SettingError(("sampler", self.options.sampler),
                                f"a latent pair (x_T, x_T-1) decodes only with the {PAIR_SAMPLERS[0]} sampler")
         return self.to_images(sample(denoiser, x.float(), plan, self.options.sampler, 0.0, None, callback))
+
+    def check_offsets(self, offsets: Sequence[Tensor | None], plan: SamplingPlan | None = None) -> None:
+        """Refuse per-step offsets this engine cannot add as they were made: another sampler than ddim, or another
+        number of steps than the plan's."""
+        plan = plan or self.plan
+        if self.options.sampler != "ddim" or self.options.eta != 0:
+            raise SettingError(("sampler", self.options.sampler), "per-step offsets retrace an eta = 0 ddim sample: "
+                               "use the ddim sampler with eta 0")
+        if len(offsets) != len(plan):
+            raise SettingError(("steps", len(plan)), f"offsets for {len(offsets)} steps: decode with the plan they "
+                               "were made on")
 
     def decode_calls(self, pair: bool = False, nulls: bool = False) -> int:
         """Model calls :meth:`decode` makes per batch (one fewer from a bdia pair: its first state is given; one more
@@ -584,7 +672,7 @@ class Engine:
         from .images import mse, psnr
 
         inv = self.invert(x0, callback, conditions)
-        rec = self.decode(inv.x_T, callback, inv.x_prev, conditions=conditions, nulls=inv.nulls)
+        rec = self.decode(inv.x_T, callback, inv.x_prev, conditions=conditions, nulls=inv.nulls, offsets=inv.offsets)
         target = x0.to(rec.device, rec.dtype)
         ae = inv_mse = None
         if self.autoencoder is not None:  # how much of the error is the autoencoder's, and how much the inversion's
@@ -592,7 +680,7 @@ class Engine:
             ae, inv_mse = mse(round_trip, target), mse(rec, round_trip)
         return Reconstruction(inv.x_T, rec, mse(rec, target), psnr(rec, target), inv.stats,
                               decode_calls=self.decode_calls(inv.x_prev is not None, inv.nulls is not None),
-                              x_prev=inv.x_prev,
+                              x_prev=inv.x_prev, offsets=inv.offsets,
                               autoencoder_mse=ae, inversion_mse=inv_mse)
 
     def edit_steps(self, strength: float) -> int:
@@ -616,7 +704,7 @@ class Engine:
         inv = self.invert(x0, callback, source, plan)
         # negative-prompt inversion's editing: guided away from the source; null-text: with the optimised nulls
         edited = self.decode(inv.x_T, callback, inv.x_prev, conditions=target, plan=plan,
-                             null_conditions=self._source_nulls(source), nulls=inv.nulls)
+                             null_conditions=self._source_nulls(source), nulls=inv.nulls, offsets=inv.offsets)
         return Edit(inv.x_T, edited, inv.stats, k, mse(edited, x0.to(edited.device, edited.dtype)))
 
     @torch.inference_mode()
@@ -632,33 +720,57 @@ class Engine:
     def end_latent(self, end: "End", conditions: Sequence[Any] | None = None) -> tuple[Tensor, Tensor | None]:
         """(x_T, x_{T-1} or None), each (1, C, H, W) on the device, for a parsed interpolation end (an image end is
         inverted here). A pair sampler always gets the pair (x_{T-1} made by :meth:`second_state` if need be)."""
+        return self._end_state(end, conditions)[:2]
+
+    def _end_state(self, end: "End", conditions: Sequence[Any] | None = None
+                   ) -> tuple[Tensor, Tensor | None, list | None, str | None]:
+        """:meth:`end_latent`, with the end's per-step offsets (plan order, each (1, C, h, w) or None; None for
+        none) and why a latent file's offsets are not used (None when they are, or there are none)."""
+        offsets = why_not = None
         if end.kind == "seed":
             x_T, x_prev = self.noise([end.seed]), None
         elif end.kind == "latent":
             x_T = end.tensor[:1].to(self.device)
             x_prev = None if end.tensor_prev is None else end.tensor_prev[:1].to(self.device)
+            if end.latent is not None:
+                offsets, why_not = self.latent_offsets(end.latent)
+                offsets = None if offsets is None else [None if o is None else o[:1] for o in offsets]
         else:
             inv = self.invert(end.tensor[:1], conditions=conditions)
-            x_T, x_prev = inv.x_T, inv.x_prev
+            x_T, x_prev, offsets = inv.x_T, inv.x_prev, inv.offsets
         if x_prev is not None and not self.pair_latents:
             raise InputError(f"{end.spec}: holds a {PAIR_SAMPLERS[0]} latent pair; interpolate it with the "
                              f"{PAIR_SAMPLERS[0]} sampler")
         if self.pair_latents and x_prev is None:
             x_prev = self.second_state(x_T, conditions)
-        return x_T, x_prev
+        return x_T, x_prev, offsets, why_not
 
     def interpolation(self, a: "End", b: "End", alphas: Sequence[float], conditions: Sequence[Any] | None = None
-                      ) -> tuple[Tensor, Tensor | None]:
+                      ) -> Frames:
         """The latents of the frames between the ends ``a`` and ``b`` at ``alphas`` (0: a, 1: b), slerped in x_T:
         (K, C, h, w), and for a pair sampler the frames' second states, slerped alongside (the ends stay exact);
-        ``conditions``: the condition (one value) an image end is inverted under."""
+        the ends' per-step offsets (exact inversion where its solve stopped short) blended linearly, so that each
+        end decodes as its own latent does; ``conditions``: the condition (one value) an image end is inverted
+        under."""
         if self.options.inversion == "null-text" and "image" in (a.kind, b.kind):
             raise SettingError(("inversion", "null-text"), "null-text's per-step null conditions belong to one "
                                "image and cannot be interpolated: use exact, plain or negative-prompt")
-        (xa, pa), (xb, pb) = self.end_latent(a, conditions), self.end_latent(b, conditions)
+        (xa, pa, oa, na), (xb, pb, ob, nb) = self._end_state(a, conditions), self._end_state(b, conditions)
         x_T = torch.cat([slerp(xa, xb, t) for t in alphas])  # (K, C, h, w)
         x_prev = torch.cat([slerp(pa, pb, t) for t in alphas]) if self.pair_latents else None
-        return x_T, x_prev
+        offsets = None
+        if oa is not None or ob is not None:
+            def blend(o_a, o_b):
+                if o_a is None and o_b is None:
+                    return None
+                o_a = torch.zeros_like(xa) if o_a is None else o_a.to(xa.device, xa.dtype)
+                o_b = torch.zeros_like(xb) if o_b is None else o_b.to(xb.device, xb.dtype)
+                return torch.cat([(1 - t) * o_a + t * o_b for t in alphas])
+
+            n = len(self.plan)
+            offsets = [blend(None if oa is None else oa[k], None if ob is None else ob[k]) for k in range(n)]
+        notes = [f"{e.spec}: {why}" for e, why in ((a, na), (b, nb)) if why is not None]
+        return Frames(x_T, x_prev, offsets, notes)
 
     def tune(self, seeds: Sequence[int], heldout_seeds: Sequence[int], method: str = "ld3", iterations: int = 20,
              reference_steps: int | None = None, batch_size: int = 64, callback=None,
@@ -761,6 +873,19 @@ class End:
     tensor: Tensor | None = None
     notes: list[str] = field(default_factory=list)
     tensor_prev: Tensor | None = None  # a latent file's second state (a bdia pair)
+    latent: "LatentFile | None" = None  # a latent file's contents (its per-step offsets)
+
+
+@dataclass
+class Frames:
+    """The latents of an interpolation's frames: ``x_T`` (K, C, h, w); for a pair sampler the second states
+    ``x_prev``; the per-step ``offsets`` (plan order, each (K, C, h, w) or None) blended linearly between the ends'
+    (None when neither end has any); and ``notes`` on what of the ends could not be used."""
+
+    x_T: Tensor
+    x_prev: Tensor | None
+    offsets: list | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def end_kind(spec: str) -> str:
@@ -782,10 +907,14 @@ def parse_end(spec: str, image_shape: tuple[int, int, int], latent_shape: tuple[
         except ValueError:
             raise InputError(f"{spec}: expected seed:N with an integer N") from None
     if kind == "latent":
-        from .latents import check_shape, load_latent_pair
+        from .latents import check_shape, load_latent_file
 
-        x, x_prev, _ = load_latent_pair(spec)
-        return End(spec, "latent", tensor=check_shape(x, latent_shape or image_shape, spec), tensor_prev=x_prev)
+        lf = load_latent_file(spec)
+        if lf.nulls is not None:
+            raise InputError(f"{spec}: holds null-text inversion's per-step null conditions, which belong to one "
+                             "image and cannot be interpolated: invert it with exact or negative-prompt")
+        return End(spec, "latent", tensor=check_shape(lf.latents, latent_shape or image_shape, spec),
+                   tensor_prev=lf.latents_prev, latent=lf)
     from .images import iter_image_paths, load_image
 
     (path,) = iter_image_paths([spec])[:1]

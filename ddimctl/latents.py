@@ -3,6 +3,12 @@
 A latent file holds one tensor named ``latents``, float32, shape (N, C, H, W) (``invert`` and ``sample
 --save-latents`` write one image per file, N = 1) -- and, for a sampler whose latent is a pair of states (bdia:
 x_T and x_{T-1}), a second tensor ``latents_prev`` of the same shape, with metadata ``latents_prev`` saying so --
+-- and, for an exact inversion whose solve stopped short of its tolerance on some steps (under classifier-free
+guidance the step map can fold, docs/guided-inversion.md), the offsets the solve left there: ``offsets`` (K, N, C, H,
+W) float32 and ``offset_steps`` (K,) int64, the plan steps (0 = the step from x_T) they are added after, with
+metadata ``offsets`` saying so; decoding x_T on the same plan with them retraces the inversion exactly --
+and, for null-text inversion, its per-step null conditions: ``nulls.NAME`` (S, N, ...) float32 for each tensor NAME
+of the condition (``class_emb``, ``encoder_hidden_states``, ...), one per plan step, with metadata ``nulls`` --
 and string metadata: ``ddimctl_version`` and what produced
 it — the model reference and revision, steps, spacing, sampler, inversion method, prediction type, and per
 image its seed or source file and original size. Non-string values are stored as JSON.
@@ -19,8 +25,9 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -29,6 +36,9 @@ from .errors import InputError, first_line
 
 LATENTS_KEY = "latents"
 PREV_KEY = "latents_prev"
+OFFSETS_KEY = "offsets"
+OFFSET_STEPS_KEY = "offset_steps"
+NULLS_PREFIX = "nulls."
 SUFFIX = ".latent.safetensors"
 
 
@@ -41,10 +51,35 @@ def metadata_strings(values: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+@dataclass
+class LatentFile:
+    """What a latent file holds: ``latents`` x_T (N, C, H, W) float32, a pair latent's second state
+    ``latents_prev`` (or None), exact inversion's ``offsets`` by plan step ({k: (N, C, H, W)}, empty when the solve
+    needed none), null-text inversion's per-step null conditions ``nulls`` (plan order, each {name: (N, ...)}; None
+    without) and the ``metadata``."""
+
+    latents: Tensor
+    latents_prev: Tensor | None
+    offsets: dict[int, Tensor]
+    metadata: dict[str, str]
+    nulls: list[dict[str, Tensor]] | None = None
+
+    def offset_list(self, steps: int) -> list[Tensor | None] | None:
+        """The offsets in plan order for a plan of ``steps`` steps (None where a step has none), or None without
+        offsets."""
+        if not self.offsets:
+            return None
+        return [self.offsets.get(k) for k in range(steps)]
+
+
 def save_latents(path: str | os.PathLike, latents: Tensor, metadata: Mapping[str, Any] | None = None,
-                 latents_prev: Tensor | None = None) -> Path:
-    """Write ``latents`` ((C, H, W) or (N, C, H, W), any device) as float32 with ``metadata``, atomically; and
-    ``latents_prev`` (same shape), the second state of a pair latent, when given."""
+                 latents_prev: Tensor | None = None, offsets: Sequence[Tensor | None] | None = None,
+                 nulls: Sequence[Mapping[str, Tensor]] | None = None) -> Path:
+    """Write ``latents`` ((C, H, W) or (N, C, H, W), any device) as float32 with ``metadata``, atomically;
+    ``latents_prev`` (same shape), the second state of a pair latent, when given; and ``offsets``, exact
+    inversion's per-step offsets in plan order (each the shape of ``latents`` or None; steps whose offset is
+    None or zero are not written); ``nulls``: null-text inversion's null condition for each plan step (its named
+    tensors, each (N, ...))."""
     from .fsutil import save_safetensors_atomic
 
     def as4d(t: Tensor) -> Tensor:
@@ -62,6 +97,19 @@ def save_latents(path: str | os.PathLike, latents: Tensor, metadata: Mapping[str
         if tensors[PREV_KEY].shape != tensors[LATENTS_KEY].shape:
             raise ValueError("latents_prev must have the shape of latents")
         meta[PREV_KEY] = "x_{T-1}, the second state of the latent pair (decode with the bdia sampler)"
+    kept = [(k, as4d(o)) for k, o in enumerate(offsets or []) if o is not None and bool(o.ne(0).any())]
+    if kept:
+        if any(o.shape != tensors[LATENTS_KEY].shape for _, o in kept):
+            raise ValueError("offsets must have the shape of latents")
+        tensors[OFFSETS_KEY] = torch.stack([o for _, o in kept])
+        tensors[OFFSET_STEPS_KEY] = torch.tensor([k for k, _ in kept], dtype=torch.int64)
+        meta[OFFSETS_KEY] = (f"per-step offsets of an exact inversion, added after the plan steps in "
+                             f"'{OFFSET_STEPS_KEY}' of {len(offsets)} (decode on the same plan to retrace the source)")
+    if nulls:
+        for name in nulls[0]:
+            tensors[NULLS_PREFIX + name] = torch.stack([n[name].detach().float().cpu() for n in nulls]).contiguous()
+        meta["nulls"] = (f"null-text inversion's null condition for each of the {len(nulls)} plan steps (decode on "
+                         "the same plan, guidance scale and condition to retrace the source)")
     return save_safetensors_atomic(path, tensors, metadata_strings(meta))
 
 
@@ -74,6 +122,12 @@ def load_latents(path: str | os.PathLike) -> tuple[Tensor, dict[str, str]]:
 def load_latent_pair(path: str | os.PathLike) -> tuple[Tensor, Tensor | None, dict[str, str]]:
     """``latents`` and ``latents_prev`` (None when the file has no second state) as float32 (N, C, H, W), and
     the metadata."""
+    lf = load_latent_file(path)
+    return lf.latents, lf.latents_prev, lf.metadata
+
+
+def load_latent_file(path: str | os.PathLike) -> LatentFile:
+    """Everything a latent file holds (:class:`LatentFile`), each tensor checked against ``latents``."""
     p = Path(path)
     with _open(p) as f:
         names = list(f.keys())
@@ -81,6 +135,9 @@ def load_latent_pair(path: str | os.PathLike) -> tuple[Tensor, Tensor | None, di
             raise InputError(f"{p}: no tensor named '{LATENTS_KEY}' (found: {', '.join(sorted(names)) or 'none'})")
         x = f.get_tensor(LATENTS_KEY).float()
         x_prev = f.get_tensor(PREV_KEY).float() if PREV_KEY in names else None
+        off = f.get_tensor(OFFSETS_KEY).float() if OFFSETS_KEY in names else None
+        off_steps = f.get_tensor(OFFSET_STEPS_KEY) if OFFSET_STEPS_KEY in names else None
+        nulls = {n[len(NULLS_PREFIX):]: f.get_tensor(n).float() for n in names if n.startswith(NULLS_PREFIX)}
         meta = dict(f.metadata() or {})
     if x.ndim == 3:
         x = x.unsqueeze(0)
@@ -95,7 +152,48 @@ def load_latent_pair(path: str | os.PathLike) -> tuple[Tensor, Tensor | None, di
             raise InputError(f"{p}: '{PREV_KEY}' has shape {tuple(x_prev.shape)}, '{LATENTS_KEY}' {tuple(x.shape)}")
         if not torch.isfinite(x_prev).all():
             raise InputError(f"{p}: '{PREV_KEY}' holds NaN or inf values")
-    return x, x_prev, meta
+    return LatentFile(x, x_prev, _offsets(p, x, off, off_steps, meta), meta, _nulls(p, x, nulls, meta))
+
+
+def _nulls(p: Path, x: Tensor, nulls: dict[str, Tensor], meta: Mapping[str, str]) -> list[dict[str, Tensor]] | None:
+    """A latent file's per-step null conditions, plan order; one-line errors naming the file."""
+    if not nulls:
+        return None
+    total = meta.get("steps", "")
+    for name, t in nulls.items():
+        if t.ndim < 2 or t.shape[1] != x.shape[0] or (total.isdigit() and t.shape[0] != int(total)):
+            raise InputError(f"{p}: '{NULLS_PREFIX}{name}' has shape {tuple(t.shape)}, expected ({total or 'S'}, "
+                             f"{x.shape[0]}, ...): one null per plan step and image")
+        if not torch.isfinite(t).all():
+            raise InputError(f"{p}: '{NULLS_PREFIX}{name}' holds NaN or inf values")
+    steps = {t.shape[0] for t in nulls.values()}
+    if len(steps) != 1:
+        raise InputError(f"{p}: the '{NULLS_PREFIX}*' tensors hold different numbers of steps ({sorted(steps)})")
+    return [{name: t[k] for name, t in nulls.items()} for k in range(steps.pop())]
+
+
+def _offsets(p: Path, x: Tensor, off: Tensor | None, steps: Tensor | None, meta: Mapping[str, str]
+             ) -> dict[int, Tensor]:
+    """A latent file's offsets by plan step, each (N, C, H, W); one-line errors naming the file."""
+    if off is None and steps is None:
+        return {}
+    if off is None or steps is None:
+        raise InputError(f"{p}: '{OFFSETS_KEY}' and '{OFFSET_STEPS_KEY}' go together; the file has only one")
+    if off.ndim == 4:
+        off = off.unsqueeze(1)
+    if steps.ndim != 1 or off.shape[0] != steps.shape[0] or off.shape[1:] != x.shape:
+        raise InputError(f"{p}: '{OFFSETS_KEY}' has shape {tuple(off.shape)} for {tuple(steps.shape)} steps, "
+                         f"expected (K, {', '.join(map(str, x.shape))}) for K steps")
+    if steps.dtype.is_floating_point or steps.dtype == torch.bool:
+        raise InputError(f"{p}: '{OFFSET_STEPS_KEY}' must hold integer step indices, not {steps.dtype}")
+    ks = [int(k) for k in steps.tolist()]
+    total = meta.get("steps", "")
+    limit = int(total) if total.isdigit() else None
+    if len(set(ks)) != len(ks) or any(k < 0 or (limit is not None and k >= limit) for k in ks):
+        raise InputError(f"{p}: '{OFFSET_STEPS_KEY}' {ks} are not distinct steps of a {total or '?'}-step plan")
+    if not torch.isfinite(off).all():
+        raise InputError(f"{p}: '{OFFSETS_KEY}' holds NaN or inf values")
+    return {k: off[i] for i, k in enumerate(ks)}
 
 
 def recorded_spacing(meta: Mapping[str, str]) -> str | None:

@@ -63,13 +63,18 @@ def interpolate(
     plan_outputs(frame_paths + [strip, gif], outputs.overwrite, False)  # refuse before any work (inverting included)
 
     alphas = [k / (frames - 1) for k in range(frames)]
-    x_T, x_prev = engine.interpolation(ends[0], ends[1], alphas, condition)  # (K, C, h, w) each
+    lat = engine.interpolation(ends[0], ends[1], alphas, condition)  # (K, C, h, w) each
+    x_T, x_prev, offsets = lat.x_T, lat.x_prev, lat.offsets
+    for note in lat.notes:
+        rep.note(note)
     decoded = []
     with rep.progress("decoding", frames * len(engine.plan)) as bar:
         for chunk in batches(list(range(frames)), sampling.batch_size):
             prev = None if x_prev is None else x_prev[list(chunk)]
+            offs = None if offsets is None else [None if o is None else o[list(chunk)] for o in offsets]
             x0 = engine.decode(x_T[list(chunk)], lambda info: bar.advance(len(chunk)), prev,
-                               conditions=None if condition is None else condition * len(chunk)).float().cpu()
+                               conditions=None if condition is None else condition * len(chunk),
+                               offsets=offs).float().cpu()
             if not all(finite_or_note(x0, [str(frame_paths[i]) for i in chunk], rep)):
                 raise NumericsError("the model produced NaN or inf values while decoding; nothing written")
             decoded.append(x0)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, List
 
 import typer
 
-from ..errors import NumericsError, SettingError
+from ..errors import NumericsError
 from .app import command
 from .common import conditions_for, finite_or_note, image_paths, load_images, output_names, plan_batches, plan_outputs, report_doc
 from .options import Conditioning, Group, Inversion, ModelLoading, OutOpt, Outputs, Sampling
@@ -33,9 +33,6 @@ def invert(
     """Invert images to the latents x_T that --sampler maps back to them, written as NAME.latent.safetensors."""
     from ..latents import SUFFIX, save_latents
 
-    if inversion.inversion == "null-text":
-        raise SettingError(("inversion", "null-text"), "null-text latents cannot be written yet (a latent file would "
-                           "lose the per-step null conditions): use reconstruct or edit, or another inversion")
     rep = outputs.reporter()
     job = _InversionJob(images, out, SUFFIX, rep)
     engine = job.start(loading, sampling, inversion, conditioning, outputs)
@@ -47,9 +44,11 @@ def invert(
             ok = finite_or_note(x_T, [str(job.paths[i]) for i in chunk], rep)
             x_prev = None if inv.x_prev is None else inv.x_prev.float().cpu()
             for j, i in enumerate(chunk):
-                if job.keep(ok[j], i, j, infos[j], inv.stats.image_calls[j], inv.stats):
+                if job.keep(ok[j], i, j, infos[j], inv.stats.image_calls[j], inv.stats, offsets=inv.offsets):
                     save_latents(job.targets[i], x_T[j : j + 1], {**engine.provenance(), **infos[j]},
-                                 latents_prev=None if x_prev is None else x_prev[j : j + 1])
+                                 latents_prev=None if x_prev is None else x_prev[j : j + 1],
+                                 offsets=_image_offsets(inv.offsets, j),
+                                 nulls=None if inv.nulls is None else [n.select(slice(j, j + 1)).tensors for n in inv.nulls])
                     rep.output(job.targets[i])
     job.finish("invert")
 
@@ -83,7 +82,7 @@ def reconstruct(
             for j, i in enumerate(chunk):
                 extra = {} if rec.autoencoder_mse is None else {"autoencoder_mse": float(rec.autoencoder_mse[j]),
                                                                 "inversion_mse": float(rec.inversion_mse[j])}
-                if job.keep(ok[j], i, j, infos[j], rec.image_calls[j], rec.stats,
+                if job.keep(ok[j], i, j, infos[j], rec.image_calls[j], rec.stats, offsets=rec.offsets,
                             mse=float(rec.mse[j]), psnr=float(rec.psnr[j]), compare=str(compares[i]), **extra):
                     save_png(x_rec[j], job.targets[i])
                     save_png(side_by_side(x0[j], x_rec[j]), compares[i])
@@ -144,12 +143,14 @@ class _InversionJob:
         self.batch_calls += batch_calls
         self.evaluations += evaluations
 
-    def keep(self, ok: bool, i: int, j: int, info: dict, calls: int, stats, **extra: Any) -> bool:
+    def keep(self, ok: bool, i: int, j: int, info: dict, calls: int, stats, offsets=None, **extra: Any) -> bool:
         """Record image i's result, j-th of its batch (calls: the model evaluations the image caused); False when
         it failed or was computed only to keep its batch as the run being completed had it (its output exists).
         Exact inversion adds, per inverse step from the clean end, the iterations the image took and the RMS
         residual it reached; null-text inversion, per step from x_T, its Adam iterations and the RMS by which the
-        step taken misses the pivot trajectory, and ``evaluations``: the inversion's forwards of the image alone."""
+        step taken misses the pivot trajectory, and ``evaluations``: the inversion's forwards of the image alone;
+        ``offsets`` (:attr:`~ddimctl.engine.Inverted.offsets`) add the plan steps the image carries an offset on
+        and the largest offset's RMS (model units)."""
         if i not in self.writes:
             return False
         if not ok:
@@ -162,6 +163,11 @@ class _InversionJob:
             record["residuals"] = [r[j] for r in stats.image_residuals]
             if self.options.inversion == "null-text":
                 record["evaluations"] = stats.image_calls[j]
+            if self.engine.keeps_offsets:
+                mine = _image_offsets(offsets, j) or []
+                steps = [k for k, o in enumerate(mine) if o is not None and bool(o.ne(0).any())]
+                record["offset_steps"] = steps
+                record["offset_rms"] = max((float(mine[k].double().pow(2).mean().sqrt()) for k in steps), default=0.0)
             if stats.image_plain_kept is not None:  # a multistep sampler: its solve checked against plain inversion
                 record["plain_inversion_kept"] = stats.image_plain_kept[j]
                 record["round_trip_rms"] = stats.image_round_trip[j]
@@ -175,3 +181,10 @@ class _InversionJob:
         self.rep.finish(report_doc(command_name, self.engine, inversion=self.options.inversion,
                                    model_calls=self.batch_calls, image_evaluations=self.evaluations,
                                    images=self.records, **fields))
+
+
+def _image_offsets(offsets, j: int):
+    """Image j's offsets, plan order, each (1, C, h, w) on the CPU (None where its batch's step has none)."""
+    if offsets is None:
+        return None
+    return [None if o is None else o[j : j + 1].float().cpu() for o in offsets]

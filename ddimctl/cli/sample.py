@@ -37,11 +37,12 @@ def sample(
     rep = outputs.reporter()
     if rank_world()[1] > 1 and (fmt == "safetensors" or grid is not None):
         raise DdimctlError("--format safetensors and --grid need every image in one process; run without torchrun")
-    x_given = x_prev = None
+    x_given = x_prev = offsets = nulls = latent = None
     if latents is not None:
-        from ..latents import load_latent_pair, recorded_spacing
+        from ..latents import load_latent_file, recorded_spacing
 
-        x_given, x_prev, meta = load_latent_pair(latents)
+        latent = load_latent_file(latents)
+        x_given, x_prev, meta = latent.latents, latent.latents_prev, latent.metadata
         n = x_given.shape[0]
         if sampling.spacing is None and sampling.schedule is None and (recorded := recorded_spacing(meta)) is not None:
             sampling.spacing = recorded  # decode with the plan the latents were made with
@@ -54,9 +55,13 @@ def sample(
         check_shape(x_given, engine.latent_shape, latents)
         if x_prev is not None:
             engine.check_latent_pair(latents, meta)
+        (offsets, why_not), (nulls, why_no_nulls) = engine.latent_offsets(latent), engine.latent_nulls(latent)
+        for why in (why_not, why_no_nulls):
+            if why is not None:
+                rep.note(f"{latents}: {why}")
     job = _SampleJob(engine, rep, out, [f"{i:06d}" for i in range(n)], seed, fmt, grid, save_latents, conditions)
     job.plan(outputs.overwrite, outputs.skip_existing, sampling.batch_size)
-    job.run(x_given, x_prev)
+    job.run(x_given, x_prev, offsets, nulls)
     job.finish()
 
 
@@ -98,14 +103,16 @@ class _SampleJob:
 
         return self.out / f"{self.names[i]}{SUFFIX}"
 
-    def run(self, x_given, x_prev=None) -> None:
+    def run(self, x_given, x_prev=None, offsets=None, nulls=None) -> None:
         with self.rep.progress("sampling", sum(map(len, self.batches)) * len(self.engine.plan)) as bar:
             for chunk in self.batches:
                 given = x_given[list(chunk)] if x_given is not None else None
                 given_prev = x_prev[list(chunk)] if x_prev is not None else None
+                given_offsets = None if offsets is None else [None if o is None else o[list(chunk)] for o in offsets]
+                given_nulls = None if nulls is None else [n.select(list(chunk)) for n in nulls]
                 conditions = None if self.conditions is None else [self.conditions[i] for i in chunk]
                 x_T, x0 = self.engine.generate([self.seed + i for i in chunk], given, lambda info: bar.advance(len(chunk)),
-                                               given_prev, conditions)
+                                               given_prev, conditions, given_offsets, given_nulls)
                 self._write(chunk, x_T, x0.float().cpu())
 
     def _write(self, chunk, x_T, x0) -> None:
