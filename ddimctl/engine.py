@@ -466,30 +466,28 @@ class Engine:
         """Whether this sampler's latent is a pair (x_T, x_{T-1}) (:data:`PAIR_SAMPLERS`)."""
         return self.options.sampler in PAIR_SAMPLERS
 
-    def latent_offsets(self, latent: "LatentFile") -> tuple[list | None, str | None]:
-        """A latent file's per-step offsets in plan order when this engine decodes on the plan they were made on
-        (same steps, spacing or schedule; the ddim sampler, eta = 0): (offsets, None); else (None, why they are
-        not added), and (None, None) for a file without offsets."""
+    def latent_offsets(self, latent: "LatentFile", conditions: Sequence[Any] | None = None
+                       ) -> tuple[list | None, str | None]:
+        """A latent file's per-step offsets in plan order when this engine decodes it as it was inverted (see
+        :meth:`_as_inverted`) under ``conditions`` (one per image of the file): (offsets, None); else (None, why they
+        are not added), and (None, None) for a file without offsets."""
         if not latent.offsets:
             return None, None
-        why_not = self._other_plan(latent.metadata, "per-step offsets")
+        why_not = self._as_inverted(latent.metadata, "per-step offsets", conditions)
         return (None, why_not) if why_not else (latent.offset_list(len(self.plan)), None)
 
-    def latent_nulls(self, latent: "LatentFile") -> tuple[list | None, str | None]:
+    def latent_nulls(self, latent: "LatentFile", conditions: Sequence[Any] | None = None
+                     ) -> tuple[list | None, str | None]:
         """A null-text latent file's per-step null conditions (plan order, each a :class:`Cond` of its batch on
-        the device) when this engine decodes on their plan (as :meth:`latent_offsets`) with the guidance scale they
-        were optimised for: (nulls, None); else (None, why they are not used); (None, None) without nulls."""
+        the device) when this engine decodes it as it was inverted (as :meth:`latent_offsets`): (nulls, None); else
+        (None, why they are not used); (None, None) without nulls."""
         from .conditioning import Cond
 
         if latent.nulls is None:
             return None, None
-        why_not = self._other_plan(latent.metadata, "null-text nulls")
+        why_not = self._as_inverted(latent.metadata, "null-text nulls", conditions)
         if why_not:
             return None, why_not
-        made = latent.metadata.get("guidance_scale")
-        if made is None or float(made) != self.guidance_scale:
-            return None, (f"its null-text nulls were optimised for guidance scale {made}; this run's is "
-                          f"{self.guidance_scale:g}: x_T is decoded without them")
         ref = self._continuous(self.conditioner.null(None, 1, self.device))
         if set(ref.tensors) != set(latent.nulls[0]):
             raise InputError(f"{latent.metadata.get('model') or 'the latent file'}: null-text nulls of "
@@ -497,17 +495,31 @@ class Engine:
                              f"{', '.join(sorted(ref.tensors))}")
         return [Cond({k: v.to(self.device, ref.tensors[k].dtype) for k, v in n.items()}) for n in latent.nulls], None
 
-    def _other_plan(self, meta: dict[str, str], what: str) -> str | None:
-        """Why a latent file's per-step corrections (``what``) cannot be used by this engine's decode: another plan
-        (steps, spacing or schedule), another sampler than ddim or eta > 0; None when they can."""
+    def _as_inverted(self, meta: dict[str, str], what: str, conditions: Sequence[Any] | None) -> str | None:
+        """Why a latent file's per-step corrections (``what``) cannot be used by this engine's decode under
+        ``conditions``; None when it decodes as the file was inverted: on the same plan (steps, spacing or
+        schedule), with the ddim sampler at eta = 0, the same guidance scale and each image's recorded condition.
+        The corrections belong to that one trajectory (an edit to another condition regenerates from x_T alone,
+        as ``edit`` does)."""
+        from .latents import metadata_strings
+
+        tail = ": x_T is decoded without them"
         made = (meta.get("steps"), meta.get("spacing"), meta.get("schedule"))
         mine = (str(self.options.steps), self.spacing, self.options.schedule_file)
         if made != mine:
-            return (f"its {what} were made on {made[0]} steps, {made[1]} spacing; this run takes {mine[0]} steps, "
-                    f"{mine[1]} spacing: x_T is decoded without them")
+            return f"its {what} were made on {made[0]} steps, {made[1]} spacing; this run takes {mine[0]} steps, {mine[1]} spacing{tail}"
         if self.options.sampler != "ddim" or self.options.eta != 0:
             return (f"its {what} retrace an eta = 0 ddim sample; this run's sampler is {self.options.sampler} with "
-                    f"eta {self.options.eta:g}: x_T is decoded without them")
+                    f"eta {self.options.eta:g}{tail}")
+        if self.conditioner.guidance is not None:
+            w = meta.get("guidance_scale")
+            if w is None or float(w) != self.guidance_scale:
+                return f"its {what} were made at guidance scale {w}; this run's is {self.guidance_scale:g}{tail}"
+        for value in conditions or []:
+            recorded = {k: v for k, v in metadata_strings(self.record(value)).items() if k != "ddimctl_version"}
+            if any(meta.get(k) != v for k, v in recorded.items()):
+                shown = ", ".join(f"{k} {meta.get(k)}" for k in recorded)
+                return f"its {what} belong to the source's condition ({shown}), not this run's{tail}"
         return None
 
     def check_latent_pair(self, path: Any, meta: dict[str, str]) -> None:
@@ -550,8 +562,9 @@ class Engine:
     @property
     def keeps_offsets(self) -> bool:
         """Whether :meth:`invert` keeps the offsets of the steps its solve stopped short on (exact inversion with
-        the ddim sampler; :attr:`Inverted.offsets`)."""
-        return self.options.sampler == "ddim" and self.options.inversion in EXACT_INVERSIONS
+        the ddim sampler; :attr:`Inverted.offsets`; negative-prompt inversion runs the conditional model alone,
+        which has no fold)."""
+        return self.options.sampler == "ddim" and self.options.inversion == "exact"
 
     def _source_nulls(self, conditions: Sequence[Any] | None) -> Sequence[Any] | None:
         """The null conditions that inverting (and decoding back) under ``conditions`` guides away from:
@@ -702,9 +715,10 @@ class Engine:
             raise SettingError(("strength", strength), f"the {PAIR_SAMPLERS[0]} sampler needs at least 2 steps to regenerate")
         plan = self.plan.tail(k)
         inv = self.invert(x0, callback, source, plan)
-        # negative-prompt inversion's editing: guided away from the source; null-text: with the optimised nulls
+        # negative-prompt inversion's editing: guided away from the source; null-text: with the optimised nulls;
+        # exact inversion's offsets belong to the source's trajectory (as Direct / PnP inversion's source branch)
         edited = self.decode(inv.x_T, callback, inv.x_prev, conditions=target, plan=plan,
-                             null_conditions=self._source_nulls(source), nulls=inv.nulls, offsets=inv.offsets)
+                             null_conditions=self._source_nulls(source), nulls=inv.nulls)
         return Edit(inv.x_T, edited, inv.stats, k, mse(edited, x0.to(edited.device, edited.dtype)))
 
     @torch.inference_mode()
@@ -733,7 +747,7 @@ class Engine:
             x_T = end.tensor[:1].to(self.device)
             x_prev = None if end.tensor_prev is None else end.tensor_prev[:1].to(self.device)
             if end.latent is not None:
-                offsets, why_not = self.latent_offsets(end.latent)
+                offsets, why_not = self.latent_offsets(end.latent, conditions)
                 offsets = None if offsets is None else [None if o is None else o[:1] for o in offsets]
         else:
             inv = self.invert(end.tensor[:1], conditions=conditions)

@@ -95,12 +95,16 @@ def test_sample_interpolate_and_reconstruct_decode_with_the_offsets(digits, inve
         run("sample", "--model", "mnist-cond", "--latents", out / f"d{n}.latent.safetensors", "--class-label", y[n],
             *W, "--out", tmp_path / f"s{n}")
         assert np.abs(png(tmp_path / f"s{n}" / "000000.png") - png(tmp_path / "rec" / f"d{n}.png")).max() <= 1
-    # on another plan the offsets cannot be added: said, and x_T decoded alone
-    r = CliRunner().invoke(app, ["sample", "--model", "mnist-cond", "--latents", str(out / "d1.latent.safetensors"),
-                                 "--class-label", str(y[1]), "--guidance-scale", "3", "--steps", "5",
-                                 "--out", str(tmp_path / "other")])
-    assert r.exit_code == 0 and "decoded without them" in r.stderr, r.output
-    assert (tmp_path / "other" / "000000.png").exists()
+    # the offsets belong to the source's trajectory: on another plan, at another w or under another class they are
+    # not added (an edit regenerates from x_T alone, as `edit` does), the run says which, and decodes x_T alone
+    for n, (changed, why) in enumerate([(("--steps", "5"), "made on 10 steps"),
+                                        (("--guidance-scale", "5"), "made at guidance scale 3"),
+                                        (("--class-label", (y[1] + 1) % 10), "belong to the source's condition")]):
+        settings = {"--class-label": y[1], "--guidance-scale": "3", "--steps": "10", changed[0]: changed[1]}
+        r = CliRunner().invoke(app, ["sample", "--model", "mnist-cond", "--latents", str(out / "d1.latent.safetensors"),
+                                     *[str(v) for kv in settings.items() for v in kv], "--out", str(tmp_path / f"o{n}")])
+        assert r.exit_code == 0 and why in r.stderr and "decoded without them" in r.stderr, r.output
+        assert (tmp_path / f"o{n}" / "000000.png").exists()
     # interpolation blends the ends' offsets: its first and last frames are the ends' own decodes
     assert y[0] == y[1]
     run("interpolate", out / "d0.latent.safetensors", out / "d1.latent.safetensors", "--model", "mnist-cond",
@@ -133,7 +137,7 @@ def test_a_null_text_latent_file_keeps_its_nulls_and_sample_retraces_the_walk(tm
     # the nulls were optimised for w = 3: at another scale they are not used, and the run says so
     r = CliRunner().invoke(app, ["sample", "--model", "mnist-cond", "--latents", str(path), "--class-label",
                                  str(y[0]), "--steps", "5", "--guidance-scale", "5", "--out", str(tmp_path / "s5")])
-    assert r.exit_code == 0 and "optimised for guidance scale 3" in r.stderr, r.output
+    assert r.exit_code == 0 and "made at guidance scale 3" in r.stderr, r.output
     # the nulls belong to one image: interpolate refuses the file in one line, before writing anything
     r = CliRunner().invoke(app, ["interpolate", str(path), "seed:0", "--model", "mnist-cond", "--class-label",
                                  str(y[0]), "--guidance-scale", "3", "--steps", "5", "--out", str(tmp_path / "path")])

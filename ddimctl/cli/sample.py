@@ -55,7 +55,8 @@ def sample(
         check_shape(x_given, engine.latent_shape, latents)
         if x_prev is not None:
             engine.check_latent_pair(latents, meta)
-        (offsets, why_not), (nulls, why_no_nulls) = engine.latent_offsets(latent), engine.latent_nulls(latent)
+        (offsets, why_not), (nulls, why_no_nulls) = (engine.latent_offsets(latent, conditions),
+                                                     engine.latent_nulls(latent, conditions))
         for why in (why_not, why_no_nulls):
             if why is not None:
                 rep.note(f"{latents}: {why}")
