@@ -118,7 +118,9 @@ def main() -> None:
         t2i.save(getattr(t2i, args.tiny)(**t2i.UNIT_STD[args.tiny]), Path(args.model))
         probe = Engine.load(args.model, SamplingOptions(steps=2, inverting=True))
         x, what = model_images(probe, args.digits)
-        y = [args.prompt] * len(x)
+        from ddimctl.conditioning import Prompt
+
+        y = [Prompt(args.prompt)] * len(x)
         what += f', the prompt "{args.prompt}" (MSE against the autoencoder\'s round trip)'
         args.no_edits = True
     else:

@@ -25,7 +25,9 @@ from torch import Tensor
 
 from .conditioning import ConditionOptions, guide
 from .errors import InputError, SettingError
-from .inversion import INVERT_FUNCTIONS, InversionStats, ddim_plan_update, run_plan_updates, stopped_short
+from .inversion import (
+    INVERT_FUNCTIONS, OFFSET_FACTOR, InversionStats, ddim_plan_update, run_plan_updates, stopped_short,
+)
 from .prediction import Denoiser
 from .sampler import SAMPLERS, ddim_step, make_generators, model_times, randn, sample, sample_bdia, slerp
 from .schedule import SPACINGS, SamplingPlan
@@ -554,7 +556,11 @@ class Engine:
             ode, self.to_latents(x0).to(self._state_dtype), plan or self.plan,
             self.options.inversion in EXACT_INVERSIONS, self.options.tol, self.options.max_iter, callback, stats,
         )
-        offsets = stopped_short(stats) if self.keeps_offsets else None
+        # unguided, a step that stopped within OFFSET_FACTOR x its bound is within the decode's error budget; under
+        # guidance perturbations can grow past the bound's model (w = 10, 50 steps: steps solved to their bound
+        # still left a 1.4e-2 MSE miss, docs/guided-inversion.md), so every step's offset is kept
+        factor = OFFSET_FACTOR if self.guidance_scale == 1.0 else 0.0
+        offsets = stopped_short(stats, factor) if self.keeps_offsets else None
         stats.offsets = None  # the dense record: every step of every image
         # x_prev in the state's dtype: a bdia pair rounded to float32 decodes ~1e-4 off
         return Inverted(x, x_prev, stats, offsets=offsets)

@@ -224,7 +224,7 @@ def run_plan_updates(update: PlanUpdate, denoise: Denoise, x: Tensor, plan: Samp
 
 def stopped_short(stats: InversionStats, factor: float = OFFSET_FACTOR) -> list[Tensor | None] | None:
     """The offsets of an exact inversion (``stats.keep_offsets``) kept only for the images and steps whose solve
-    stopped with a residual above ``factor`` x its bound (zero for the other images of such a step); None per step
+    stopped with a residual above ``factor`` x its bound (0: every nonzero one) (zero for the other images of such a step); None per step
     that needs none, and None when no step does. What :func:`run_plan_updates` needs to retrace the inversion
     within its tolerance, in a fraction of the storage (docs/guided-inversion.md)."""
     if stats.offsets is None or stats.bounds is None:
