@@ -26,7 +26,8 @@ from torch import Tensor
 from .conditioning import ConditionOptions, guide
 from .errors import InputError, SettingError
 from .inversion import (
-    INVERT_FUNCTIONS, OFFSET_FACTOR, InversionStats, ddim_plan_update, run_plan_updates, stopped_short,
+    INVERT_FUNCTIONS, OFFSET_FACTOR, InversionStats, ddim_plan_update, run_plan_updates, select_offsets,
+    stopped_short,
 )
 from .prediction import Denoiser
 from .sampler import SAMPLERS, ddim_step, make_generators, model_times, randn, sample, sample_bdia, slerp
@@ -130,9 +131,10 @@ class Inverted:
     #: plan order, for :meth:`Engine.decode`; and the state its walk reached (what decoding with them gives back)
     nulls: list | None = None
     reached: Tensor | None = None
-    #: exact inversion with the ddim sampler: per step (plan order) what the solve left where it stopped above
-    #: OFFSET_FACTOR x its bound ((B, C, h, w), zero for the images that needed none; None for a step none needed),
-    #: None when no step needed one (:func:`ddimctl.inversion.stopped_short`): decode with them to retrace x0
+    #: exact inversion with the ddim sampler: per step (plan order) what the solve left ((B, C, h, w)): under
+    #: guidance every step's; without it only where a step stopped above OFFSET_FACTOR x its bound (zero for the
+    #: images that needed none; None for a step none needed; None when no step did;
+    #: :func:`ddimctl.inversion.stopped_short`): decode with them to retrace x0
     offsets: list | None = None
 
 
@@ -448,7 +450,7 @@ class Engine:
         step as :meth:`decode` does (the ddim sampler with eta = 0, unclipped: the inversion's own steps).
         ``nulls``: null-text inversion's per-step null conditions for the given x_T, decoded as :meth:`decode` does.
         """
-        denoiser, _ = self.denoisers(conditions, len(seeds))
+        denoiser, ode = self.denoisers(conditions, len(seeds))
         gens = make_generators(seeds)
         drawn = randn(gens, self.latent_shape, torch.float32, self.device)
         x = drawn if x_T is None else x_T.to(self.device, torch.float32)
@@ -457,7 +459,6 @@ class Engine:
         if nulls is not None:
             return x, self.decode(x, callback, conditions=conditions, nulls=nulls)
         if offsets is not None:
-            ode = self.denoisers(conditions, len(seeds))[1]
             return x, self._decode_with(ode, x, callback, None, self.plan, offsets)
         x0 = sample(denoiser, x, self.plan, self.options.sampler, self.options.eta,
                     gens if self.options.eta > 0 else None, callback)
@@ -567,8 +568,8 @@ class Engine:
 
     @property
     def keeps_offsets(self) -> bool:
-        """Whether :meth:`invert` keeps the offsets of the steps its solve stopped short on (exact inversion with
-        the ddim sampler; :attr:`Inverted.offsets`; negative-prompt inversion runs the conditional model alone,
+        """Whether :meth:`invert` keeps what its solve left at each step (exact inversion with the ddim sampler;
+        :attr:`Inverted.offsets`; negative-prompt inversion runs the conditional model alone,
         which has no fold)."""
         return self.options.sampler == "ddim" and self.options.inversion == "exact"
 
@@ -754,7 +755,7 @@ class Engine:
             x_prev = None if end.tensor_prev is None else end.tensor_prev[:1].to(self.device)
             if end.latent is not None:
                 offsets, why_not = self.latent_offsets(end.latent, conditions)
-                offsets = None if offsets is None else [None if o is None else o[:1] for o in offsets]
+                offsets = select_offsets(offsets, slice(0, 1))
         else:
             inv = self.invert(end.tensor[:1], conditions=conditions)
             x_T, x_prev, offsets = inv.x_T, inv.x_prev, inv.offsets
@@ -769,7 +770,7 @@ class Engine:
                       ) -> Frames:
         """The latents of the frames between the ends ``a`` and ``b`` at ``alphas`` (0: a, 1: b), slerped in x_T:
         (K, C, h, w), and for a pair sampler the frames' second states, slerped alongside (the ends stay exact);
-        the ends' per-step offsets (exact inversion where its solve stopped short) blended linearly, so that each
+        the ends' per-step offsets (exact inversion's, :attr:`Inverted.offsets`) blended linearly, so that each
         end decodes as its own latent does; ``conditions``: the condition (one value) an image end is inverted
         under."""
         if self.options.inversion == "null-text" and "image" in (a.kind, b.kind):

@@ -222,11 +222,18 @@ def run_plan_updates(update: PlanUpdate, denoise: Denoise, x: Tensor, plan: Samp
     return x
 
 
+def select_offsets(offsets: Sequence[Tensor | None] | None, idx) -> list[Tensor | None] | None:
+    """Per-step offsets (plan order, each (B, ...) or None) for the images ``idx`` of their batch (an index, a
+    slice or a list); None stays None."""
+    return None if offsets is None else [None if o is None else o[idx] for o in offsets]
+
+
 def stopped_short(stats: InversionStats, factor: float = OFFSET_FACTOR) -> list[Tensor | None] | None:
     """The offsets of an exact inversion (``stats.keep_offsets``) kept only for the images and steps whose solve
-    stopped with a residual above ``factor`` x its bound (0: every nonzero one) (zero for the other images of such a step); None per step
-    that needs none, and None when no step does. What :func:`run_plan_updates` needs to retrace the inversion
-    within its tolerance, in a fraction of the storage (docs/guided-inversion.md)."""
+    stopped with a residual above ``factor`` x its bound (``factor`` 0: every nonzero offset), zero for the other
+    images of such a step; None per step that needs none, and None when no step does. What
+    :func:`run_plan_updates` needs to retrace the inversion within its tolerance, in a fraction of the storage
+    (docs/guided-inversion.md)."""
     if stats.offsets is None or stats.bounds is None:
         raise ValueError("no offsets recorded: set stats.keep_offsets before an exact inversion")
     kept: list[Tensor | None] = []

@@ -39,6 +39,7 @@ def interpolate(
     import torch
 
     from ..engine import batches, end_kind, parse_end
+    from ..inversion import select_offsets
     from ..fsutil import check_writable_dir
     from ..images import make_grid, save_gif, save_png
     from ..latents import read_metadata, recorded_spacing
@@ -71,10 +72,9 @@ def interpolate(
     with rep.progress("decoding", frames * len(engine.plan)) as bar:
         for chunk in batches(list(range(frames)), sampling.batch_size):
             prev = None if x_prev is None else x_prev[list(chunk)]
-            offs = None if offsets is None else [None if o is None else o[list(chunk)] for o in offsets]
             x0 = engine.decode(x_T[list(chunk)], lambda info: bar.advance(len(chunk)), prev,
                                conditions=None if condition is None else condition * len(chunk),
-                               offsets=offs).float().cpu()
+                               offsets=select_offsets(offsets, list(chunk))).float().cpu()
             if not all(finite_or_note(x0, [str(frame_paths[i]) for i in chunk], rep)):
                 raise NumericsError("the model produced NaN or inf values while decoding; nothing written")
             decoded.append(x0)

@@ -31,6 +31,7 @@ def invert(
     outputs: Outputs,
 ) -> None:
     """Invert images to the latents x_T that --sampler maps back to them, written as NAME.latent.safetensors."""
+    from ..inversion import select_offsets
     from ..latents import SUFFIX, save_latents
 
     rep = outputs.reporter()
@@ -47,7 +48,7 @@ def invert(
                 if job.keep(ok[j], i, j, infos[j], inv.stats.image_calls[j], inv.stats, offsets=inv.offsets):
                     save_latents(job.targets[i], x_T[j : j + 1], {**engine.provenance(), **infos[j]},
                                  latents_prev=None if x_prev is None else x_prev[j : j + 1],
-                                 offsets=_image_offsets(inv.offsets, j),
+                                 offsets=select_offsets(inv.offsets, slice(j, j + 1)),
                                  nulls=None if inv.nulls is None else [n.select(slice(j, j + 1)).tensors for n in inv.nulls])
                     rep.output(job.targets[i])
     job.finish("invert")
@@ -164,7 +165,9 @@ class _InversionJob:
             if self.options.inversion == "null-text":
                 record["evaluations"] = stats.image_calls[j]
             if self.engine.keeps_offsets:
-                mine = _image_offsets(offsets, j) or []
+                from ..inversion import select_offsets
+
+                mine = select_offsets(offsets, slice(j, j + 1)) or []
                 steps = [k for k, o in enumerate(mine) if o is not None and bool(o.ne(0).any())]
                 record["offset_steps"] = steps
                 record["offset_rms"] = max((float(mine[k].double().pow(2).mean().sqrt()) for k in steps), default=0.0)
@@ -181,10 +184,3 @@ class _InversionJob:
         self.rep.finish(report_doc(command_name, self.engine, inversion=self.options.inversion,
                                    model_calls=self.batch_calls, image_evaluations=self.evaluations,
                                    images=self.records, **fields))
-
-
-def _image_offsets(offsets, j: int):
-    """Image j's offsets, plan order, each (1, C, h, w) on the CPU (None where its batch's step has none)."""
-    if offsets is None:
-        return None
-    return [None if o is None else o[j : j + 1].float().cpu() for o in offsets]

@@ -105,11 +105,13 @@ class _SampleJob:
         return self.out / f"{self.names[i]}{SUFFIX}"
 
     def run(self, x_given, x_prev=None, offsets=None, nulls=None) -> None:
+        from ..inversion import select_offsets
+
         with self.rep.progress("sampling", sum(map(len, self.batches)) * len(self.engine.plan)) as bar:
             for chunk in self.batches:
                 given = x_given[list(chunk)] if x_given is not None else None
                 given_prev = x_prev[list(chunk)] if x_prev is not None else None
-                given_offsets = None if offsets is None else [None if o is None else o[list(chunk)] for o in offsets]
+                given_offsets = select_offsets(offsets, list(chunk))
                 given_nulls = None if nulls is None else [n.select(list(chunk)) for n in nulls]
                 conditions = None if self.conditions is None else [self.conditions[i] for i in chunk]
                 x_T, x0 = self.engine.generate([self.seed + i for i in chunk], given, lambda info: bar.advance(len(chunk)),
